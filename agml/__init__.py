@@ -1,0 +1,3 @@
+"""agml: activation-guided masked LoRA unlearning for Hugging Face language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from agml.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Batched greedy generation through the chat template (deterministic)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from agml.data import pad_token_id, prompt_ids
+
+
+@torch.no_grad()
+def greedy_answers(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str | None = None,
+) -> list[str]:
+    """Greedy answers to each conversation, left-padded batches, special tokens stripped."""
+    pad = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
+    # Sort by length so batches pad little; answers come back in input order.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]):] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=_stop_ids(tokenizer),
+        )
+        for r, i in enumerate(rows):
+            answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return answers
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    """EOS plus the chat template's end-of-turn token where the vocabulary has one."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)
