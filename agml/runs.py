@@ -1,0 +1,148 @@
+"""Run directories: safe creation (work in RUN.partial, rename at the end), config, and loading a finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from agml.data import PromptRecord, load_prompts, save_prompts
+from agml.errors import InputError
+
+CONFIG_FILE = "config.json"
+ADAPTER_DIR = "adapter"
+BAKED_DIR = "adapter-baked"
+DATA_DIR = "data"
+PARTIAL_SUFFIX = ".partial"
+_VERSIONED = ("agml", "torch", "triton", "transformers", "peft", "accelerate", "safetensors")
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where an unfinished run lives; it is renamed to `out` only when complete."""
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def check_output(out: str | os.PathLike, force: bool) -> None:
+    """Refuse to clobber a non-empty folder unless forced (checked before any heavy work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+def start_run(out: str | os.PathLike, resume: bool = False) -> Path:
+    """Create (or, with resume, reuse) the working folder RUN.partial and return it."""
+    work = partial_dir(out)
+    if resume:
+        if not work.is_dir():
+            raise InputError(f"nothing to resume: {work} does not exist")
+        return work
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def finish_run(work: Path, out: str | os.PathLike) -> Path:
+    """Move the completed working folder into place; an older run at `out` (allowed by --force) is removed."""
+    out = Path(out)
+    if out.exists():
+        trash = out.with_name(out.name + ".old")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(out, trash)
+        os.replace(work, out)
+        shutil.rmtree(trash)
+    else:
+        os.replace(work, out)
+    return out
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_config(run: Path, options: dict) -> dict:
+    config = {"options": options, "versions": package_versions(), "argv": sys.argv}
+    write_json(run / CONFIG_FILE, config)
+    return config
+
+
+def save_records(run: Path, name: str, records: list[PromptRecord]) -> None:
+    (run / DATA_DIR).mkdir(exist_ok=True)
+    save_prompts(records, run / DATA_DIR / f"{name}.jsonl")
+
+
+def load_records(run: Path, name: str) -> list[PromptRecord] | None:
+    path = Path(run) / DATA_DIR / f"{name}.jsonl"
+    return load_prompts(path) if path.is_file() else None
+
+
+def read_config(run: str | os.PathLike) -> dict:
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"run folder not found: {run}")
+    path = run / CONFIG_FILE
+    if not path.is_file() or not (run / ADAPTER_DIR).is_dir():
+        raise InputError(f"{run} is not an agml run (expected {CONFIG_FILE} and {ADAPTER_DIR}/ inside)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err.msg})") from err
+
+
+@dataclass
+class LoadedRun:
+    model: object  # peft.PeftModel with the run's adapter
+    tokenizer: object
+    config: dict
+    probes: list[PromptRecord]
+    forget: list[PromptRecord]
+    retain: list[PromptRecord]
+
+
+def load_run(run: str | os.PathLike, device: str | None = None) -> LoadedRun:
+    """Load the base model, attach the run's adapter and read the run's data."""
+    from agml.layers import load_adapter
+    from agml.models import load_model
+
+    run = Path(run)
+    config = read_config(run)
+    options = config["options"]
+    model, tokenizer = load_model(options["model"], dtype=options.get("dtype"), device=device)
+    if options.get("method") == "lora":
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(run / ADAPTER_DIR))
+    else:
+        peft_model = load_adapter(model, run / ADAPTER_DIR)
+    peft_model.eval()
+    return LoadedRun(
+        peft_model,
+        tokenizer,
+        config,
+        load_records(run, "probes") or [],
+        load_records(run, "forget") or [],
+        load_records(run, "retain") or [],
+    )
