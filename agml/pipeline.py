@@ -1,0 +1,222 @@
+"""The main job, `agml unlearn`: prompts -> answers -> scores -> masks -> masked LoRA -> training -> report.
+
+Everything that can be checked is checked in `resolve_data`/`UnlearnOptions.validate` before the model is
+loaded; all output goes to RUN.partial and is renamed to RUN only when the run is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from agml import runs
+from agml.data import PromptRecord, batches, build_example, load_prompts, pad_token_id
+from agml.errors import InputError
+
+METHODS = ("ag-masked-lora", "lora")
+BUILTIN_DEMO = "Inception"
+
+
+@dataclass
+class UnlearnOptions:
+    """Every option of `agml unlearn`; recorded in RUN/config.json."""
+
+    out: str
+    concept: str | None = None
+    aliases: tuple[str, ...] = ()
+    model: str = "smollm2-135m-instruct"
+    dtype: str | None = None
+    forget: str | None = None
+    retain: str | None = None
+    neighbours: str | None = None
+    probes: str | None = None
+    method: str = "ag-masked-lora"
+    objective: str = "npo"
+    density: float = 0.01
+    strategy: str = "global"
+    score: str = "combined"
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 2e-3
+    retain_weight: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 64
+    answer_tokens: int = 48
+    early_stop: bool = True
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise InputError(f"--density must be in (0, 1], got {self.density}")
+        checks = {"--rank": self.rank, "--steps": self.steps, "--batch-size": self.batch_size,
+                  "--max-new-tokens": self.max_new_tokens, "--answer-tokens": self.answer_tokens}
+        for flag, value in checks.items():
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1, got {value}")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be > 0, got {self.lr}")
+        if self.concept is not None and not self.concept.strip():
+            raise InputError("--concept must not be empty")
+
+
+@dataclass
+class RunData:
+    forget: list[PromptRecord]
+    retain: list[PromptRecord]
+    probes: list[PromptRecord]
+    concept: str
+    terms: tuple[str, ...]
+
+
+def _load_typed(path: str, kind: str) -> list[PromptRecord]:
+    records = load_prompts(path, default_type=kind)
+    wrong = [r.source for r in records if r.type != kind]
+    if wrong:
+        raise InputError(f"{wrong[0]}: expected a {kind} prompt in this file, got another type")
+    return records
+
+
+def resolve_data(options: UnlearnOptions) -> RunData:
+    """Built-in demo, a concept given by name, or user files (which override any part)."""
+    from agml import concepts
+
+    if options.concept is None and options.forget is None:
+        forget, retain, probes = concepts.builtin_inception()
+        name, aliases = BUILTIN_DEMO, ("Dom Cobb",)
+    elif options.concept is not None:
+        name, aliases = options.concept.strip(), tuple(a.strip() for a in options.aliases if a.strip())
+        forget = concepts.concept_forget_set(name, aliases)
+        retain = concepts.general_retain_set()
+        probes = concepts.concept_probes(name, aliases) + concepts.general_retain_probes()
+    else:
+        name, aliases = Path(options.forget).stem, tuple(options.aliases)
+        forget, retain = [], concepts.general_retain_set()
+        probes = concepts.general_retain_probes()
+    if options.forget:
+        forget = _load_typed(options.forget, "forget")
+    if options.retain:
+        retain = _load_typed(options.retain, "retain")
+    if options.neighbours:
+        retain = retain + _load_typed(options.neighbours, "retain")
+    if options.probes:
+        probes = load_prompts(options.probes)
+    if not forget:
+        raise InputError("the forget set is empty")
+    if not retain:
+        raise InputError("the retain set is empty")
+    _check_held_out(forget + retain, probes)
+    return RunData(forget, retain, probes, name, (name, *aliases))
+
+
+def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) -> None:
+    seen = {r.messages for r in training}
+    leaked = [p.source for p in probes if p.messages in seen]
+    if leaked:
+        raise InputError(f"probe {leaked[0]} is also a training prompt; probes must be held out")
+
+
+def fill_answers(model, tokenizer, records: list[PromptRecord], max_new_tokens: int, desc: str) -> list[PromptRecord]:
+    """Records without an `answer` get the base model's own greedy answer (what unlearning suppresses)."""
+    from agml.generation import greedy_answers
+
+    todo = [i for i, r in enumerate(records) if r.answer is None]
+    answers = greedy_answers(model, tokenizer, [records[i].messages for i in todo], max_new_tokens, desc=desc)
+    filled = list(records)
+    for i, answer in zip(todo, answers, strict=True):
+        filled[i] = records[i].with_answer(answer or "I don't know.")
+    return filled
+
+
+def _score_batches(tokenizer, records: list[PromptRecord], batch_size: int):
+    pad = pad_token_id(tokenizer)
+    examples = [build_example(tokenizer, r.messages, r.answer) for r in records]
+    return list(batches(examples, batch_size, pad))
+
+
+def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, work: Path, log):
+    """Score and mask (ag-masked-lora) or plain LoRA on every layer (the baseline)."""
+    from agml.layers import apply_lora, apply_masked_lora
+
+    targets = ("gate_proj", "up_proj", "down_proj")
+    if options.method == "lora":
+        return apply_lora(model, r=options.rank, alpha=options.alpha, targets=targets), None
+    from agml.masks import build_masks
+    from agml.plots import plot_heatmap
+    from agml.scoring import score_neurons
+
+    start = time.perf_counter()
+    scores = score_neurons(
+        model,
+        _score_batches(tokenizer, data.forget, options.batch_size),
+        _score_batches(tokenizer, data.retain, options.batch_size),
+    )
+    masks = build_masks(scores, density=options.density, strategy=options.strategy, score=options.score)
+    scores.save(work / "scores.safetensors")
+    masks.save(work / "masks.safetensors")
+    (work / "plots").mkdir(exist_ok=True)
+    plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
+    log(f"scored {sum(1 for _ in masks)} layers, selected {masks.total} neurons in {time.perf_counter() - start:.1f}s")
+    return apply_masked_lora(model, masks, r=options.rank, alpha=options.alpha, targets=targets), masks
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = False, log=print) -> Path:
+    """Run the whole job; returns the finished run folder."""
+    from agml.evaluation import evaluate
+    from agml.layers import export_baked, save_adapter
+    from agml.models import load_model
+    from agml.reporting import write_report
+    from agml.training import TrainConfig, train_unlearning
+
+    options.validate()
+    if not resume:
+        runs.check_output(options.out, force)
+    data = resolve_data(options)
+    train_config = TrainConfig(
+        objective=options.objective, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
+        retain_weight=options.retain_weight, seed=options.seed, early_stop=options.early_stop,
+    )
+    started = time.perf_counter()
+    torch.manual_seed(options.seed)
+    model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+    work = runs.start_run(options.out, resume=resume)
+    runs.write_config(work, dataclasses.asdict(options))
+
+    forget = runs.load_records(work, "forget") if resume else None
+    retain = runs.load_records(work, "retain") if resume else None
+    if forget is None or retain is None:
+        forget = fill_answers(model, tokenizer, data.forget, options.answer_tokens, "forget answers")
+        retain = fill_answers(model, tokenizer, data.retain, options.answer_tokens, "retain answers")
+        runs.save_records(work, "forget", forget)
+        runs.save_records(work, "retain", retain)
+        runs.save_records(work, "probes", data.probes)
+    data = dataclasses.replace(data, forget=forget, retain=retain)
+
+    peft_model, masks = attach_adapter(model, tokenizer, options, data, work, log)
+    trainable, total = trainable_parameters(peft_model)
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    result = train_unlearning(peft_model, tokenizer, forget, retain, train_config,
+                              checkpoint_dir=work / "checkpoint", resume=resume)
+    save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
+    export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
+
+    evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.max_new_tokens,
+                          concept_terms=data.terms)
+    write_report(work, options=dataclasses.asdict(options), evaluation=evaluation, training=result,
+                 masks=masks, parameters={"trainable": trainable, "total": total},
+                 seconds=time.perf_counter() - started, concept=data.concept)
+    return runs.finish_run(work, options.out)
