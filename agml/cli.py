@@ -27,6 +27,89 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list = []
 
 
+def _add_unlearn_parser(sub) -> None:
+    from agml.pipeline import METHODS, UnlearnOptions
+
+    defaults = UnlearnOptions(out="")
+    p = sub.add_parser("unlearn", help="forget a concept: score neurons, train a masked LoRA, evaluate, report",
+                       description="With no options: forget 'Inception' in the built-in SmolLM2-135M-Instruct.")
+    p.add_argument("--out", help="run folder to create (default runs/<concept>)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
+    p.add_argument("--concept", help="name of the concept to forget (forget set and probes from templates)")
+    p.add_argument("--aliases", default="", help="comma-separated other names of the concept")
+    p.add_argument("--model", default=defaults.model, help="built-in alias, local folder, .gguf file or hub id")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: checkpoint's)")
+    p.add_argument("--forget", help="forget prompts (JSONL); overrides the built-in/template forget set")
+    p.add_argument("--retain", help="retain prompts (JSONL); replaces the built-in retain set")
+    p.add_argument("--neighbours", help="extra retain prompts (JSONL) added to the retain set")
+    p.add_argument("--probes", help="held-out probes (JSONL); never trained on")
+    p.add_argument("--method", choices=METHODS, default=defaults.method)
+    p.add_argument("--objective", default=defaults.objective, help="npo | refusal | gradient-difference")
+    p.add_argument("--density", type=float, default=defaults.density, help="fraction of all MLP neurons to adapt")
+    p.add_argument("--strategy", choices=["global", "per-layer"], default=defaults.strategy)
+    p.add_argument("--score", choices=["fisher", "saliency", "combined"], default=defaults.score)
+    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--alpha", type=float, default=defaults.alpha)
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--retain-weight", type=float, default=defaults.retain_weight)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="probe answer length")
+    p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens,
+                   help="length of the base answers used as training targets")
+    p.add_argument("--no-early-stop", action="store_true", help="always train all --steps")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.set_defaults(handler=_cmd_unlearn)
+
+
+def _unlearn_options(args):
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from agml import runs
+    from agml.errors import InputError
+    from agml.pipeline import UnlearnOptions
+
+    if args.resume:
+        config = runs.partial_dir(args.resume) / runs.CONFIG_FILE
+        if not config.is_file():
+            raise InputError(f"nothing to resume at {args.resume}: {config} not found")
+        saved = json.loads(config.read_text(encoding="utf-8"))["options"]
+        fields = {f.name for f in dataclasses.fields(UnlearnOptions)}
+        saved = {k: (tuple(v) if k == "aliases" else v) for k, v in saved.items() if k in fields}
+        return UnlearnOptions(**saved)
+    concept = args.concept
+    out = args.out or str(Path("runs") / _slug(concept or "inception"))
+    return UnlearnOptions(
+        out=out, concept=concept, aliases=tuple(a for a in args.aliases.split(",") if a.strip()),
+        model=args.model, dtype=args.dtype, forget=args.forget, retain=args.retain, neighbours=args.neighbours,
+        probes=args.probes, method=args.method, objective=args.objective, density=args.density,
+        strategy=args.strategy, score=args.score, rank=args.rank, alpha=args.alpha, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, retain_weight=args.retain_weight, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens, early_stop=not args.no_early_stop,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "run"
+
+
+def _cmd_unlearn(args) -> int:
+    from agml.pipeline import run_unlearn
+
+    options = _unlearn_options(args)
+    run = run_unlearn(options, force=args.force, resume=bool(args.resume))
+    print(f"run written to {run}; report: {run / 'report.md'}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_unlearn_parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
