@@ -176,16 +176,17 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = False, log=print) -> Path:
     """Run the whole job; returns the finished run folder."""
+    options.validate()
+    if not resume:
+        runs.check_output(options.out, force)
+    data = resolve_data(options)
+
     from agml.evaluation import evaluate
     from agml.layers import export_baked, save_adapter
     from agml.models import load_model
     from agml.reporting import write_report
     from agml.training import TrainConfig, train_unlearning
 
-    options.validate()
-    if not resume:
-        runs.check_output(options.out, force)
-    data = resolve_data(options)
     train_config = TrainConfig(
         objective=options.objective, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
         retain_weight=options.retain_weight, seed=options.seed, early_stop=options.early_stop,
