@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from agml.errors import InputError
+from agml.errors import AgmlError, InputError
 
 
 def _as_index(layer: int, ids) -> torch.Tensor:
@@ -107,3 +107,102 @@ class NeuronMasks(Mapping[int, torch.Tensor]):
 
     def to_lists(self) -> dict[int, list[int]]:
         return {layer: ids.tolist() for layer, ids in self._layers.items()}
+
+
+def build_masks(
+    scores,
+    density: float = 0.01,
+    strategy: str = "global",
+    score: str = "fisher",
+    layers: Iterable[int] | None = None,
+    max_per_layer: int | None = None,
+    retain_weight: float = 1.0,
+    outlier_quantile: float | None = 0.999,
+) -> NeuronMasks:
+    """Select the concept's neurons from `agml.scoring.NeuronScores`.
+
+    Contrast (per neuron, on per-token importances of kind `score`: "fisher", "saliency" or "combined")::
+
+        c = forget - retain_weight * retain
+
+    i.e. how much more the neuron matters per forget-answer token than per retain-answer token. A neuron that
+    matters equally for both (shared machinery: syntax, end of turn, general film knowledge) gets c ~ 0 and one
+    that matters more for retain gets c < 0; only c > 0 is ever selected, so the budget is a maximum. Unlike a
+    ratio forget/retain, the difference does not blow up for neurons whose importances are both tiny (noise).
+
+    Outliers: neurons whose retain importance lies above the `outlier_quantile` of all retain importances (the
+    massive-activation / "matters for every input" neurons) are never selected, even when their large forget
+    importance gives them a large difference; touching them would disturb everything. None disables this.
+
+    Budget: `k = max(1, round(density * num_layers * intermediate_size))` neurons. "global" takes the k best
+    eligible neurons anywhere; "per-layer" splits k evenly over the allowed layers (earlier layers get the
+    remainder) and takes the best of each layer. `layers` restricts selection to those decoder layers,
+    `max_per_layer` caps every layer. Ties break deterministically: contrast descending, then (layer, neuron)
+    ascending.
+    """
+    from agml.scoring import SCORE_KINDS
+
+    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise InputError(f"density must be in (0, 1], got {density!r}")
+    if strategy not in ("global", "per-layer"):
+        raise InputError(f"strategy must be 'global' or 'per-layer', got {strategy!r}")
+    if score not in SCORE_KINDS:
+        raise InputError(f"score must be one of {list(SCORE_KINDS)}, got {score!r}")
+    if max_per_layer is not None and (not isinstance(max_per_layer, int) or max_per_layer < 1):
+        raise InputError(f"max_per_layer must be a positive integer or None, got {max_per_layer!r}")
+    if retain_weight < 0:
+        raise InputError(f"retain_weight must be >= 0, got {retain_weight}")
+    if outlier_quantile is not None and not 0.0 < outlier_quantile <= 1.0:
+        raise InputError(f"outlier_quantile must be in (0, 1] or None, got {outlier_quantile}")
+    num_layers, width = scores.num_layers, scores.intermediate_size
+    allowed = sorted(set(range(num_layers) if layers is None else (int(i) for i in layers)))
+    if not allowed or allowed[0] < 0 or allowed[-1] >= num_layers:
+        raise InputError(f"layers must name decoder layers in 0..{num_layers - 1}, got {allowed}")
+
+    contrast = scores.contrast(score, retain_weight)
+    eligible = contrast > 0  # also drops NaN
+    layer_allowed = torch.zeros(num_layers, dtype=torch.bool)
+    layer_allowed[allowed] = True
+    eligible &= layer_allowed[:, None]
+    if outlier_quantile is not None and outlier_quantile < 1.0:
+        retain = scores.importance("retain", score)
+        eligible &= retain <= torch.quantile(retain.flatten().double(), outlier_quantile).float()
+
+    budget = max(1, round(float(density) * num_layers * width))
+    # Stable sort of -contrast over the flattened (layer, neuron) order: ties keep (layer, neuron) ascending.
+    flat = torch.where(eligible, contrast, torch.tensor(float("-inf"))).flatten()
+    order = torch.sort(-flat, stable=True).indices[: int(eligible.sum())]
+    if strategy == "global":
+        quota = {layer: budget for layer in allowed}
+    else:
+        share, extra = divmod(budget, len(allowed))
+        quota = {layer: share + (1 if i < extra else 0) for i, layer in enumerate(allowed)}
+    if max_per_layer is not None:
+        quota = {layer: min(q, max_per_layer) for layer, q in quota.items()}
+    chosen: dict[int, list[int]] = {layer: [] for layer in allowed}
+    taken = 0
+    for index in order.tolist():
+        layer, neuron = divmod(index, width)
+        if taken == budget:
+            break
+        if len(chosen[layer]) < quota[layer]:
+            chosen[layer].append(neuron)
+            taken += 1
+    if taken == 0:
+        raise AgmlError(
+            f"no neuron matters more for the forget answers than for the retain answers (score={score}, "
+            f"retain_weight={retain_weight}); lower retain_weight or check the forget/retain sets"
+        )
+    meta = {
+        **{k: v for k, v in scores.meta.items() if k == "model"},
+        "num_layers": num_layers,
+        "intermediate_size": width,
+        "density": float(density),
+        "strategy": strategy,
+        "score": score,
+        "retain_weight": float(retain_weight),
+        "outlier_quantile": outlier_quantile,
+        "budget": budget,
+        "selected": taken,
+    }
+    return NeuronMasks({layer: sorted(ids) for layer, ids in chosen.items()}, meta=meta)

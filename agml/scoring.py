@@ -1,0 +1,362 @@
+"""Neuron scoring: how much each MLP intermediate neuron matters for the forget answers and for the retain answers.
+
+For every decoder layer, the input of `down_proj` (`act(gate_proj(x)) * up_proj(x)`, one value per intermediate
+neuron and token) is the activation `a`; its gradient `g = dL/da` comes from one backward pass of
+
+    L = sum over answer tokens of -log p(answer token | prefix)        (a *sum*, not a mean)
+
+The sum keeps each token's gradient independent of the batch it sits in, so scores do not depend on batch size,
+batch order or padding. Per neuron we stream, through `agml_kernels.neuron_stats`,
+
+    Fisher   = sum_t g_t^2          saliency = sum_t |a_t * g_t|
+
+over the statistic positions t (see `answer_positions`) and divide by the number of such tokens, so forget and
+retain scores are per-token averages and directly comparable.
+
+Cost: parameters are frozen during the pass (no parameter gradients are computed or stored) and the gradient only
+flows back to the activations; activations are not cached — the hook recomputes `a` from the two factors autograd
+keeps for the product anyway, so memory stays that of a plain forward/backward.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from agml.architecture import mlp_modules
+from agml.data import IGNORE_INDEX, Example, PromptRecord, batches, build_example, pad_token_id
+from agml.errors import InputError
+from agml_kernels import NeuronStats, neuron_stats
+
+SPLITS = ("forget", "retain")
+STATISTICS = ("fisher", "saliency")
+SCORE_KINDS = ("fisher", "saliency", "combined")
+_FORMAT = "agml-neuron-scores"
+
+
+@dataclass
+class NeuronScores:
+    """Per-token Fisher and saliency of every MLP neuron, float32 `(num_layers, intermediate_size)` each.
+
+    `forget_tokens` / `retain_tokens`: how many answer tokens each average is over. `meta` holds at least
+    `num_layers`, `intermediate_size` and (where known) `model`.
+    """
+
+    forget_fisher: torch.Tensor
+    forget_saliency: torch.Tensor
+    retain_fisher: torch.Tensor
+    retain_saliency: torch.Tensor
+    forget_tokens: int
+    retain_tokens: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.forget_fisher.shape)
+        for split in SPLITS:
+            for stat in STATISTICS:
+                tensor = getattr(self, f"{split}_{stat}")
+                if tensor.dim() != 2 or tuple(tensor.shape) != shape:
+                    raise InputError(f"{split}_{stat} has shape {tuple(tensor.shape)}, expected {shape} (2-D)")
+                setattr(self, f"{split}_{stat}", tensor.detach().to("cpu", torch.float32).contiguous())
+        self.meta = {**self.meta, "num_layers": shape[0], "intermediate_size": shape[1]}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.forget_fisher.shape[0])
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.forget_fisher.shape[1])
+
+    def importance(self, split: str, score: str = "fisher") -> torch.Tensor:
+        """Per-token importance `(num_layers, intermediate)` of one split.
+
+        "combined" averages Fisher and saliency after dividing each by its mean over both splits, so the two
+        statistics (different units) weigh equally and forget and retain stay on one scale.
+        """
+        if split not in SPLITS:
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+        if score not in SCORE_KINDS:
+            raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+        if score != "combined":
+            return getattr(self, f"{split}_{score}")
+        parts = []
+        for stat in STATISTICS:
+            scale = torch.cat([getattr(self, f"{s}_{stat}") for s in SPLITS]).mean().clamp_min(1e-30)
+            parts.append(getattr(self, f"{split}_{stat}") / scale)
+        return 0.5 * (parts[0] + parts[1])
+
+    def contrast(self, score: str = "fisher", retain_weight: float = 1.0) -> torch.Tensor:
+        """Concept specificity `forget - retain_weight * retain` of the per-token importances (see build_masks)."""
+        return self.importance("forget", score) - retain_weight * self.importance("retain", score)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write safetensors atomically (temporary file, then rename)."""
+        path = Path(path)
+        tensors = {f"{split}.{stat}": getattr(self, f"{split}_{stat}") for split in SPLITS for stat in STATISTICS}
+        metadata = {
+            "format": _FORMAT,
+            "forget_tokens": str(self.forget_tokens),
+            "retain_tokens": str(self.retain_tokens),
+            "meta": json.dumps(self.meta),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuronScores:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"score file not found: {path}")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise InputError(f"{path} is not a safetensors score file: {err}") from err
+        if metadata.get("format") != _FORMAT:
+            raise InputError(f"{path} is not an agml score file (missing format metadata)")
+        expected = {f"{split}.{stat}" for split in SPLITS for stat in STATISTICS}
+        if set(tensors) != expected:
+            raise InputError(f"{path}: score file holds {sorted(tensors)}, expected {sorted(expected)}")
+        return cls(
+            **{f"{split}_{stat}": tensors[f"{split}.{stat}"] for split in SPLITS for stat in STATISTICS},
+            forget_tokens=int(metadata.get("forget_tokens", 0)),
+            retain_tokens=int(metadata.get("retain_tokens", 0)),
+            meta=json.loads(metadata.get("meta", "{}")),
+        )
+
+
+# --- the scoring pass -----------------------------------------------------------------------------------------
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool `(batch, seq)`: positions t whose next token t+1 is an answer token.
+
+    These are exactly the positions whose logits the loss reads, so their activations write the answer directly;
+    prompt positions only matter through attention and are mostly the chat template shared by forget and retain,
+    which would dilute the per-token averages without telling the two apart. The last answer token (it predicts
+    nothing that is scored) and padding (IGNORE_INDEX labels) never count, whichever side is padded.
+    """
+    predicts = labels[:, 1:] != IGNORE_INDEX
+    return F.pad(predicts, (0, 1), value=False)
+
+
+def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of answer-token NLL, answer_positions mask) for one collated batch on the model's device.
+
+    Position ids follow the attention mask, so left- and right-padded batches see the same positions.
+    """
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    positions = answer_positions(labels)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
+    targets = labels[:, 1:][positions[:, :-1]]
+    loss = F.cross_entropy(logits[positions].float(), targets, reduction="sum")
+    return loss, positions
+
+
+@contextmanager
+def activation_gradients_only(model: torch.nn.Module):
+    """Freeze every parameter and make the embedding output require grad, in eval mode; restore all afterwards.
+
+    Backward then computes gradients for activations only (no parameter gradients, no weight inputs saved),
+    which is what keeps the scoring pass as cheap as inference-plus-backprop-to-activations.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+
+    def require_grad(_module, _inputs, output):
+        return output.requires_grad_(True) if not output.requires_grad else output
+
+    handle = model.get_input_embeddings().register_forward_hook(require_grad)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            yield model
+    finally:
+        handle.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _recompute_source(acts: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """A way to rebuild `acts` in backward from the factors autograd saved for `act(gate) * up`, or None.
+
+    Holding `acts` itself would keep one extra (batch, seq, intermediate) tensor per layer alive, because a
+    frozen down_proj does not save its input; the two factors of the product are saved anyway.
+    """
+    node = acts.grad_fn
+    if node is None or type(node).__name__ != "MulBackward0":
+        return None
+    try:
+        left, right = node._saved_self, node._saved_other
+    except (AttributeError, RuntimeError):
+        return None
+    if not (isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor)):
+        return None
+    if left.shape != acts.shape or right.shape != acts.shape:
+        return None
+    del left, right
+    return lambda: node._saved_self * node._saved_other
+
+
+class _NeuronStatsHooks:
+    """Forward pre-hooks on every down_proj that stream (activation, gradient, mask) into per-layer NeuronStats."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.mlps = mlp_modules(model)
+        self.intermediate = self.mlps[0].down_proj.in_features
+        self.token_mask: torch.Tensor | None = None
+        self.stats: list[NeuronStats] = []
+        self._pending: dict[int, Callable[[], torch.Tensor]] = {}
+        self._handles = []
+
+    def __enter__(self) -> _NeuronStatsHooks:
+        device = next(self.mlps[0].down_proj.parameters()).device
+        self.stats = [NeuronStats.zeros(self.intermediate, device) for _ in self.mlps]
+        self._handles = [mlp.down_proj.register_forward_pre_hook(self._forward_hook(i)) for i, mlp in
+                         enumerate(self.mlps)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._pending.clear()
+
+    def _forward_hook(self, layer: int):
+        def hook(_module, args):
+            acts = args[0]
+            if not acts.requires_grad:
+                return None
+            source = _recompute_source(acts)
+            if source is None:  # unknown MLP form: keep the activation itself until its gradient arrives
+                self._pending[layer] = lambda kept=acts: kept
+            else:
+                self._pending[layer] = source
+
+            def on_gradient(grad: torch.Tensor) -> None:
+                acts_now = self._pending.pop(layer)()
+                self.stats[layer] = self.stats[layer] + neuron_stats(acts_now, grad, self.token_mask)
+
+            acts.register_hook(on_gradient)
+            return None
+
+        return hook
+
+
+def _score_split(model, hooks: _NeuronStatsHooks, batches_: Iterable[dict], desc: str, progress: bool):
+    with hooks:
+        for batch in tqdm(batches_, desc=desc, disable=not progress, leave=False):
+            loss, positions = answer_nll(model, batch)
+            if not bool(positions.any()):
+                continue
+            hooks.token_mask = positions
+            loss.backward()
+            hooks.token_mask = None
+        return hooks.stats
+
+
+def score_neurons(
+    model: torch.nn.Module,
+    forget_batches: Iterable[dict],
+    retain_batches: Iterable[dict],
+    progress: bool = True,
+) -> NeuronScores:
+    """One forward/backward pass over the forget batches and one over the retain batches -> NeuronScores.
+
+    Batches are `agml.data.collate` dicts. Works on a plain model or a PeftModel (whatever adapter state it is
+    in); the model is scored in eval mode and its training mode and `requires_grad` flags are restored.
+    """
+    hooks = _NeuronStatsHooks(model)
+    with activation_gradients_only(model):
+        forget = _score_split(model, hooks, forget_batches, "scoring forget", progress)
+        retain = _score_split(model, hooks, retain_batches, "scoring retain", progress)
+    forget_tokens, retain_tokens = forget[0].tokens, retain[0].tokens
+    if forget_tokens == 0:
+        raise InputError("the forget set has no answer tokens to score (empty forget set?)")
+    if retain_tokens == 0:
+        raise InputError("the retain set has no answer tokens to score (empty retain set?)")
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+
+    def per_token(stats: list[NeuronStats], stat: str, tokens: int) -> torch.Tensor:
+        return torch.stack([getattr(s, stat) for s in stats]).cpu() / tokens
+
+    return NeuronScores(
+        forget_fisher=per_token(forget, "fisher", forget_tokens),
+        forget_saliency=per_token(forget, "saliency", forget_tokens),
+        retain_fisher=per_token(retain, "fisher", retain_tokens),
+        retain_saliency=per_token(retain, "saliency", retain_tokens),
+        forget_tokens=forget_tokens,
+        retain_tokens=retain_tokens,
+        meta={"model": str(name)},
+    )
+
+
+# --- records -> scores (the pieces `agml score` and `agml unlearn` share) ------------------------------------
+
+
+def answer_records(
+    model, tokenizer, records: Sequence[PromptRecord], max_new_tokens: int = 64, batch_size: int = 16,
+    desc: str | None = "answering",
+) -> list[PromptRecord]:
+    """Records without an `answer` get the model's greedy answer (batched); an empty answer is an InputError."""
+    from agml.generation import greedy_answers
+
+    todo = [i for i, record in enumerate(records) if record.answer is None]
+    answers = greedy_answers(model, tokenizer, [records[i].messages for i in todo], max_new_tokens, batch_size, desc)
+    filled = list(records)
+    for i, answer in zip(todo, answers, strict=True):
+        if not answer.strip():
+            raise InputError(f"{records[i].source}: the model's answer is empty; give an 'answer' for this prompt")
+        filled[i] = records[i].with_answer(answer)
+    return filled
+
+
+def record_examples(tokenizer, records: Sequence[PromptRecord]) -> list[Example]:
+    """Chat-templated examples (labels on the answer only), shortest first so batches pad little."""
+    examples = []
+    for record in records:
+        if record.answer is None:
+            raise InputError(f"{record.source}: record has no answer (fill answers with answer_records first)")
+        examples.append(build_example(tokenizer, record.messages, record.answer))
+    return sorted(examples, key=lambda e: len(e.input_ids))
+
+
+def score_records(
+    model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord], batch_size: int = 8,
+    progress: bool = True,
+) -> NeuronScores:
+    """Score answered forget/retain records (see `answer_records`)."""
+    if not forget:
+        raise InputError("the forget set is empty")
+    if not retain:
+        raise InputError("the retain set is empty")
+    pad = pad_token_id(tokenizer)
+    return score_neurons(
+        model,
+        batches(record_examples(tokenizer, forget), batch_size, pad),
+        batches(record_examples(tokenizer, retain), batch_size, pad),
+        progress=progress,
+    )
