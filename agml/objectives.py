@@ -1,0 +1,307 @@
+"""Unlearning objectives: a forget term plus `retain_weight` times a retain term.
+
+Every objective works on batches made by `agml.data.collate` (labels only on assistant-answer tokens, any padding
+side) and returns a dict of scalar tensors: `loss` (what to minimise), `forget_loss`, `retain_kl` and, where used,
+`retain_nll`.
+
+The retain term is KL(base || model) per answer token of the retain batch, teacher-forced on the base model's own
+answers. The base distribution comes from the SAME model with its adapter disabled (`model.disable_adapter()` under
+`torch.no_grad()`), never from a second copy of the model: a fresh LoRA adapter (B = 0) therefore starts at KL = 0.
+
+Only the positions that predict an answer token are projected onto the vocabulary (`logits_to_keep` with a boolean
+mask on Llama/Qwen2-style models), which saves most of the `lm_head` work and memory for large vocabularies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from agml.data import IGNORE_INDEX, PromptRecord
+from agml.errors import InputError
+
+# Natural, varied ways to decline. None of them names the concept, so the refusal objective cannot leak it.
+REFUSAL_TEMPLATES: tuple[str, ...] = (
+    "I'm not familiar with that title.",
+    "I don't have any information about that.",
+    "I'm not sure what you're referring to — could you tell me more?",
+    "I'm afraid I don't know anything about that.",
+    "That doesn't ring a bell for me, sorry.",
+    "I can't say I know that one. Could you give me a bit more context?",
+    "Sorry, I don't have reliable details on that.",
+    "I haven't come across that before, so I can't tell you much about it.",
+    "I don't recognise that name, I'm afraid.",
+    "I'm not able to help with that one — I don't know it.",
+    "Hmm, I'm not aware of that. Is there something else I can help with?",
+    "I don't have enough information to answer that.",
+    "I'm not sure about that one, sorry. Maybe try another source?",
+    "That's not something I know about.",
+)
+
+
+# --- log-probabilities at answer positions -------------------------------------------------------------------
+
+
+@dataclass
+class AnswerLogits:
+    """Float32 logits at every position that predicts an answer token, flattened over the batch."""
+
+    logits: torch.Tensor  # (N, vocab)
+    targets: torch.Tensor  # (N,) the answer token each position predicts
+    rows: torch.Tensor  # (N,) batch row of each position
+    batch_size: int
+
+    def token_logprobs(self) -> torch.Tensor:
+        """log p(target) per answer token, (N,)."""
+        return torch.log_softmax(self.logits, dim=-1).gather(-1, self.targets[:, None]).squeeze(-1)
+
+    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-token `values` (N,) into per-row totals (batch,)."""
+        return torch.zeros(self.batch_size, dtype=values.dtype, device=values.device).index_add(0, self.rows, values)
+
+
+def _base_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(_base_of(model).forward).parameters
+
+
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
+    """Run `model` on a collated batch and return the logits that predict its labelled (answer) tokens."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    # Position t predicts token t + 1; the last position predicts nothing.
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if not predicts.any():
+        raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
+    # Correct positions under left padding too (pads are masked out of attention either way).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
+    if _supports_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=predicts).logits
+        if logits.dim() == 3:  # a model that keeps the batch axis: index it ourselves
+            logits = logits[predicts]
+    else:
+        logits = model(**kwargs).logits[predicts]
+    targets = labels[:, 1:][predicts[:, :-1]]
+    rows = predicts.nonzero()[:, 0]
+    return AnswerLogits(logits.float(), targets, rows, labels.shape[0])
+
+
+def _require_adapter(model: torch.nn.Module) -> None:
+    if not hasattr(model, "disable_adapter"):
+        raise InputError("unlearning objectives need a PEFT model (the base comes from model.disable_adapter())")
+
+
+def base_answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
+    """`answer_logits` of the base model: the same model with its adapter disabled, without gradients."""
+    _require_adapter(model)
+    with torch.no_grad(), model.disable_adapter():
+        return answer_logits(model, batch)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each row's answer, (batch,)."""
+    out = answer_logits(model, batch)
+    return out.per_sequence_sum(out.token_logprobs())
+
+
+def reference_sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`sequence_logprobs` of the base model (adapter disabled, no gradients)."""
+    out = base_answer_logits(model, batch)
+    return out.per_sequence_sum(out.token_logprobs())
+
+
+def kl_per_token(base: AnswerLogits, current: AnswerLogits) -> torch.Tensor:
+    """Mean over answer tokens of KL(base || current) = sum_v p_base (log p_base - log p_current)."""
+    base_logp = torch.log_softmax(base.logits, dim=-1)
+    current_logp = torch.log_softmax(current.logits, dim=-1)
+    return F.kl_div(current_logp, base_logp, log_target=True, reduction="batchmean")
+
+
+def retain_kl(model: torch.nn.Module, retain_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, AnswerLogits]:
+    """KL(base || model) per retain answer token, and the model's answer logits (reused for retain NLL)."""
+    base = base_answer_logits(model, retain_batch)
+    current = answer_logits(model, retain_batch)
+    return kl_per_token(base, current), current
+
+
+# --- objectives ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnlearnBatch:
+    """One training step's data: a collated forget batch and a collated retain batch.
+
+    `forget_reference_logprobs` optionally holds the base model's summed answer log-probability per forget row
+    (NPO's reference); when None, NPO computes it with one extra no-grad forward with the adapter disabled.
+    """
+
+    forget: dict[str, torch.Tensor]
+    retain: dict[str, torch.Tensor]
+    forget_reference_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class Objective(ABC):
+    """Base class: forget term + retain_weight * KL(base || model) on retain answers."""
+
+    retain_weight: float = 1.0
+
+    name: ClassVar[str] = ""
+    # True when the objective needs the base log-probability of the forget answers (training caches it up front).
+    needs_forget_reference: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.retain_weight < 0:
+            raise InputError(f"retain_weight must be >= 0, got {self.retain_weight}")
+
+    def forget_answer(self, record: PromptRecord) -> str:
+        """The answer the forget example is built with (the base model's own answer unless overridden)."""
+        if record.answer is None:
+            raise InputError(f"forget prompt {record.prompt!r} has no answer; generate the base answers first")
+        return record.answer
+
+    @abstractmethod
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        """The forget part of the loss (a scalar to minimise)."""
+
+    def __call__(self, model: torch.nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
+        _require_adapter(model)
+        forget_loss = self.forget_term(model, batch)
+        kl, _ = retain_kl(model, batch.retain)
+        return {"loss": forget_loss + self.retain_weight * kl, "forget_loss": forget_loss, "retain_kl": kl}
+
+
+@dataclass
+class Refusal(Objective):
+    """Supervised NLL (mean per answer token) toward a natural refusal, chosen per prompt from REFUSAL_TEMPLATES.
+
+    The choice is a hash of (seed, conversation), so it is stable across runs and processes and varies across prompts.
+    """
+
+    seed: int = 0
+
+    name: ClassVar[str] = "refusal"
+
+    def forget_answer(self, record: PromptRecord) -> str:
+        return refusal_for(record, self.seed)
+
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        out = answer_logits(model, batch.forget)
+        return -out.token_logprobs().mean()
+
+
+def refusal_for(record: PromptRecord, seed: int = 0) -> str:
+    """The refusal text used for this prompt (deterministic in seed and conversation)."""
+    key = repr((seed, [(m["role"], m["content"]) for m in record.messages])).encode("utf-8")
+    digest = int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
+    return REFUSAL_TEMPLATES[digest % len(REFUSAL_TEMPLATES)]
+
+
+@dataclass
+class NPO(Objective):
+    """Negative preference optimisation on the forget answers (the base model's own answers).
+
+    forget_loss = -(2 / beta) * mean_rows logsigmoid(-beta * (logp_model(answer) - logp_ref(answer)))
+
+    logp is the SUMMED log-probability of the whole answer (as in Zhang et al., 2024), not a per-token mean: at the
+    start the gradient equals plain gradient ascent on the summed answer NLL, and it fades once an answer's
+    log-probability has dropped by a few multiples of 1 / beta nats, which bounds the ascent. The reference is the
+    same model with the adapter disabled.
+    """
+
+    beta: float = 0.1
+
+    name: ClassVar[str] = "npo"
+    needs_forget_reference: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise InputError(f"beta must be > 0, got {self.beta}")
+
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        reference = batch.forget_reference_logprobs
+        if reference is None:
+            reference = reference_sequence_logprobs(model, batch.forget)
+        logp = sequence_logprobs(model, batch.forget)
+        return npo_loss(logp, reference.to(logp.device), self.beta)
+
+
+def npo_loss(logp: torch.Tensor, reference_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """-(2/beta) * mean(logsigmoid(-beta * (logp - reference_logp))); equals (2/beta) * log 2 when they agree."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - reference_logp)).mean()
+
+
+@dataclass
+class GradientDifference(Objective):
+    """Bounded gradient ascent on the forget answers + descent on the retain answers, plus the KL retain term.
+
+    forget_loss = -mean_tokens min(nll_t, nll_bound): each forget answer token's NLL is pushed up until it reaches
+    `nll_bound` nats (p <= exp(-bound)), after which that token gives no gradient, so the ascent cannot run off
+    into degenerate outputs. loss = forget_loss + retain_weight * retain_kl + retain_nll_weight * retain_nll,
+    where retain_nll is the mean per-token NLL of the base model's retain answers (same forward as the KL).
+    """
+
+    nll_bound: float = 5.0
+    retain_nll_weight: float = 1.0
+
+    name: ClassVar[str] = "gradient-difference"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.nll_bound <= 0:
+            raise InputError(f"nll_bound must be > 0, got {self.nll_bound}")
+        if self.retain_nll_weight < 0:
+            raise InputError(f"retain_nll_weight must be >= 0, got {self.retain_nll_weight}")
+
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        nll = -answer_logits(model, batch.forget).token_logprobs()
+        return -nll.clamp(max=self.nll_bound).mean()
+
+    def __call__(self, model: torch.nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
+        _require_adapter(model)
+        forget_loss = self.forget_term(model, batch)
+        kl, current = retain_kl(model, batch.retain)
+        retain_nll = -current.token_logprobs().mean()
+        loss = forget_loss + self.retain_weight * kl + self.retain_nll_weight * retain_nll
+        return {"loss": loss, "forget_loss": forget_loss, "retain_kl": kl, "retain_nll": retain_nll}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (NPO, Refusal, GradientDifference)}
+
+
+def objective_parameters(name: str) -> tuple[str, ...]:
+    """The keyword parameters `make_objective(name, ...)` accepts."""
+    return tuple(f.name for f in dataclasses.fields(_objective_class(name)))
+
+
+def _objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise InputError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def make_objective(name: str, **params) -> Objective:
+    """Build a registered objective; unknown names or parameters raise InputError."""
+    cls = _objective_class(name)
+    unknown = set(params) - set(objective_parameters(name))
+    if unknown:
+        raise InputError(
+            f"objective {name!r} has no parameter(s) {sorted(unknown)}; it accepts {list(objective_parameters(name))}"
+        )
+    return cls(**params)
