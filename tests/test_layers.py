@@ -250,3 +250,25 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
     save_adapter(model, target, overwrite=True)
     assert (target / "adapter_model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folders left behind
+
+
+def test_mixed_batch_rows_use_their_adapter(arch, input_ids):
+    model = masked(arch).eval()  # PEFT refuses adapter_names in training mode
+    adapted = logits(model, input_ids)
+    with model.disable_adapter():
+        base = logits(model, input_ids)
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_names=["default", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], adapted[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[1], base[1], atol=1e-5, rtol=0)
+
+
+def test_two_active_adapters_add_up_like_their_merged_weights(arch, input_ids):
+    model = masked(arch)
+    apply_masked_lora(model, OTHER_MASKS, r=RANK, adapter_name="other")
+    randomize_lora(model, "other", seed=1)
+    model.base_model.set_adapter(["default", "other"])
+    both = logits(model, input_ids)
+    assert not torch.allclose(both, logits(masked(arch), input_ids))
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, input_ids), both, atol=1e-5, rtol=0)
