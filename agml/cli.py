@@ -110,6 +110,88 @@ def _cmd_unlearn(args) -> int:
 _SUBCOMMANDS.append(_add_unlearn_parser)
 
 
+def _add_score_parser(sub) -> None:
+    p = sub.add_parser("score", help="score MLP neurons on forget vs retain answers and select the concept's neurons",
+                       description="With no data options: the built-in model and the built-in Inception sets.")
+    p.add_argument("--out", required=True, help="folder to create: scores.safetensors, masks.safetensors, plots/")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in alias, local folder, .gguf or hub id")
+    p.add_argument("--forget", help="forget prompts (JSONL; default: built-in Inception forget set)")
+    p.add_argument("--retain", help="retain prompts (JSONL; default: built-in Inception retain set)")
+    p.add_argument("--density", type=float, default=0.01, help="fraction of all MLP neurons to select, in (0, 1]")
+    p.add_argument("--strategy", choices=["global", "per-layer"], default="global")
+    p.add_argument("--score", choices=["fisher", "saliency", "combined"], default="combined")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of retain importance in the contrast")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of generated answers (records without one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_score)
+
+
+def _score_inputs(args):
+    """Validate options and read the prompt sets (no model needed): (forget, retain) records."""
+    from agml import runs
+    from agml.data import load_prompts
+    from agml.errors import InputError
+
+    if not 0.0 < args.density <= 1.0:
+        raise InputError(f"--density must be in (0, 1], got {args.density}")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    if args.retain_weight < 0:
+        raise InputError(f"--retain-weight must be >= 0, got {args.retain_weight}")
+    runs.check_output(args.out, args.force)
+    if args.forget is None or args.retain is None:
+        from agml.concepts import builtin_inception
+
+        builtin_forget, builtin_retain, _probes = builtin_inception()  # probes stay held out
+    forget = builtin_forget if args.forget is None else load_prompts(args.forget, default_type="forget")
+    retain = builtin_retain if args.retain is None else load_prompts(args.retain, default_type="retain")
+    for name, records, kind in (("--forget", forget, "forget"), ("--retain", retain, "retain")):
+        if not any(r.type == kind for r in records):
+            raise InputError(f"{name} holds no records of type {kind!r}")
+    return [r for r in forget if r.type == "forget"], [r for r in retain if r.type == "retain"]
+
+
+def _cmd_score(args) -> int:
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from agml import runs
+    from agml.masks import build_masks
+    from agml.models import load_model
+    from agml.plots import plot_heatmap
+    from agml.scoring import answer_records, score_records
+
+    forget, retain = _score_inputs(args)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    forget = answer_records(model, tokenizer, forget, args.max_new_tokens, desc="forget answers")
+    retain = answer_records(model, tokenizer, retain, args.max_new_tokens, desc="retain answers")
+    scores = score_records(model, tokenizer, forget, retain, batch_size=args.batch_size)
+    masks = build_masks(scores, density=args.density, strategy=args.strategy, score=args.score,
+                        retain_weight=args.retain_weight)
+    work = runs.start_run(args.out)
+    scores.save(work / "scores.safetensors")
+    masks.save(work / "masks.safetensors")
+    plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
+    out = runs.finish_run(work, args.out)
+    busiest = sorted(masks.items(), key=lambda item: (-item[1].numel(), item[0]))[:5]
+    print(f"scored {scores.forget_tokens} forget / {scores.retain_tokens} retain answer tokens over "
+          f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
+    print(f"selected {masks.total} neurons ({args.score}, {args.strategy}) in {len(masks)} layers; most in: "
+          + ", ".join(f"layer {layer}: {ids.numel()}" for layer, ids in busiest))
+    print(f"written to {Path(out)}: scores.safetensors, masks.safetensors, plots/heatmap.png")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_score_parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,53 @@
+"""Figures written into run folders (matplotlib, Agg backend: no display needed). One function per plot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import torch  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
+
+
+def plot_heatmap(scores, masks, path: str | os.PathLike, score: str | None = None,
+                 retain_weight: float | None = None) -> Path:
+    """Layers x neurons image of the forget-vs-retain contrast, selected neurons marked; returns the path.
+
+    `score` and `retain_weight` default to those the masks were built with (their meta), so the image shows the
+    quantity the selection ranked. The colour scale is symmetric-logarithmic around zero: contrasts span orders
+    of magnitude, and red (forget-specific) vs blue (retain-specific) must stay visible for small values too.
+    """
+    score = score or masks.meta.get("score", "fisher")
+    retain_weight = masks.meta.get("retain_weight", 1.0) if retain_weight is None else retain_weight
+    contrast = scores.contrast(score, retain_weight).numpy()
+    num_layers, width = contrast.shape
+    limit = float(abs(contrast).max()) or 1.0
+    nonzero = abs(contrast[contrast != 0])
+    linear = float(torch.quantile(torch.from_numpy(nonzero).double(), 0.9)) if nonzero.size else limit
+    norm = SymLogNorm(linthresh=max(linear, limit * 1e-6), vmin=-limit, vmax=limit, base=10)
+
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.22 * num_layers + 1.5)), dpi=150)
+    image = ax.imshow(contrast, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest",
+                      origin="lower", extent=(-0.5, width - 0.5, -0.5, num_layers - 0.5))
+    rows = [(layer, int(n)) for layer, ids in masks.items() for n in ids]
+    if rows:
+        ax.scatter([n for _, n in rows], [layer for layer, _ in rows], s=9, marker="s", facecolors="none",
+                   edgecolors="black", linewidths=0.6, label=f"selected ({len(rows)})")
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.set_xlabel("MLP neuron (down_proj input)")
+    ax.set_ylabel("decoder layer")
+    ax.set_yticks(range(0, num_layers, max(1, num_layers // 15)))
+    weight = "" if retain_weight == 1 else f"{retain_weight:g} x "
+    ax.set_title(f"{score} contrast: forget - {weight}retain, per token "
+                 f"({scores.forget_tokens} forget / {scores.retain_tokens} retain tokens)")
+    fig.colorbar(image, ax=ax, label="forget-specific (red) / retain-specific (blue)", pad=0.01)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
