@@ -1,0 +1,455 @@
+"""The unlearning training loop: seeded, resumable, validated, early-stopping.
+
+Reproducibility: every random choice of a step is derived from (seed, step) alone. The batch contents come from
+per-epoch permutations seeded by (seed, stream, epoch), and each step runs under a forked torch RNG seeded by
+(seed, step), so dropout inside the adapter is reproducible too. A run resumed from a checkpoint therefore ends
+with bitwise the same adapter as an uninterrupted run.
+
+Checkpoints hold only tensors (safetensors) and scalars/history (JSON); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
+from agml.errors import InputError
+from agml.generation import greedy_answers
+from agml.objectives import (
+    Objective,
+    UnlearnBatch,
+    answer_logits,
+    base_answer_logits,
+    kl_per_token,
+    make_objective,
+    objective_parameters,
+)
+
+CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_FORMAT = 1
+# Config fields that may change between an interrupted run and its resumption without changing the trajectory.
+RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every"})
+_FORGET_STREAM, _RETAIN_STREAM, _SPLIT_STREAM, _STEP_STREAM = range(4)
+
+
+@dataclass
+class TrainConfig:
+    """Options of the unlearning loop; invalid values raise InputError naming the field."""
+
+    objective: str = "npo"
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    retain_weight: float = 1.0
+    beta: float = 0.1  # npo only
+    seed: int = 0
+    eval_every: int = 10
+    kl_budget: float = 0.05  # nats per retain answer token
+    val_fraction: float = 0.2  # held-out share of the forget prompts (and of the retain prompts, for the KL check)
+    checkpoint_every: int = 20
+    early_stop: bool = True
+    max_new_tokens_val: int = 32
+    forget_pass_target: float = 1.0  # share of validation forget prompts that must pass to count as forgotten
+    val_logprob_drop: float = 1.0  # nats/token drop that counts as forgotten for prompts without forbidden terms
+    objective_params: dict = field(default_factory=dict)  # extra objective parameters, e.g. {"nll_bound": 5.0}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive_ints = {"steps": self.steps, "batch_size": self.batch_size, "eval_every": self.eval_every,
+                         "checkpoint_every": self.checkpoint_every, "max_new_tokens_val": self.max_new_tokens_val}
+        for name, value in positive_ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"training option {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InputError(f"training option seed must be an integer >= 0, got {self.seed!r}")
+        _check_float("lr", self.lr, low=0.0, low_open=True)
+        _check_float("beta", self.beta, low=0.0, low_open=True)
+        _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("retain_weight", self.retain_weight, low=0.0)
+        _check_float("kl_budget", self.kl_budget, low=0.0)
+        _check_float("val_logprob_drop", self.val_logprob_drop, low=0.0)
+        _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
+        _check_float("forget_pass_target", self.forget_pass_target, low=0.0, high=1.0, low_open=True)
+        if not isinstance(self.objective_params, dict):
+            raise InputError(f"training option objective_params must be a dict, got {self.objective_params!r}")
+        self.make_objective()  # unknown objective or parameter names fail here, before any work
+
+    def make_objective(self) -> Objective:
+        """The configured objective, given the shared options it accepts (retain_weight, beta, seed) plus extras."""
+        accepted = objective_parameters(self.objective)
+        shared = {"retain_weight": self.retain_weight, "beta": self.beta, "seed": self.seed}
+        params = {k: v for k, v in shared.items() if k in accepted}
+        return make_objective(self.objective, **params, **self.objective_params)
+
+
+def _check_float(name: str, value, low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise InputError(f"training option {name} must be in {left}{low}, {high}{right}, got {value!r}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one entry per step: step, loss, forget_loss, retain_kl, lr, seconds (+ val_* when evaluated)
+    steps_done: int
+    stopped_early: bool
+    validation: dict | None  # the last validation, None when there is no validation slice
+    seconds: float = 0.0  # wall time of this call's training steps (validation included)
+
+
+# --- deterministic randomness ------------------------------------------------------------------------------
+
+
+def derived_seed(seed: int, stream: int, index: int) -> int:
+    """A 63-bit seed that depends only on (seed, stream, index)."""
+    digest = hashlib.sha256(f"agml:{seed}:{stream}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+@lru_cache(maxsize=64)
+def _permutation(n: int, seed: int, stream: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(derived_seed(seed, stream, epoch))
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def batch_indices(n: int, batch_size: int, seed: int, stream: int, step: int) -> list[int]:
+    """Example indices of a step's batch: consecutive slices of per-epoch permutations (every example once an epoch)."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [_permutation(n, seed, stream, p // n)[p % n] for p in positions]
+
+
+def split_validation(records: Sequence[PromptRecord], fraction: float, seed: int,
+                     stream: int) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(train, validation): a seeded random `fraction` held out, always leaving at least one training record."""
+    count = min(round(fraction * len(records)), len(records) - 1)
+    if count <= 0:
+        return list(records), []
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(derived_seed(seed, stream, 0)))
+    held = set(order[:count].tolist())
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+# --- examples and reference log-probabilities --------------------------------------------------------------
+
+
+def _answer_of(record: PromptRecord) -> str:
+    if record.answer is None:
+        raise InputError(f"{record.type} prompt {record.prompt!r} has no answer; generate the base answers first")
+    return record.answer
+
+
+def _chunks(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _collate(examples: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
+    # Left padding puts every answer at the end, where the answer-position logits are cheap to select.
+    return collate(examples, pad, padding_side="left")
+
+
+@torch.no_grad()
+def _mean_token_logprobs(model, examples: Sequence[Example], pad: int, batch_size: int, base: bool) -> torch.Tensor:
+    """Mean log-probability per answer token of each example, (n,), under the model or its base (adapter off)."""
+    values = []
+    for chunk in _chunks(examples, batch_size):
+        batch = _collate(chunk, pad)
+        out = base_answer_logits(model, batch) if base else answer_logits(model, batch)
+        tokens = out.per_sequence_sum(torch.ones_like(out.targets, dtype=torch.float32))
+        values.append((out.per_sequence_sum(out.token_logprobs()) / tokens).cpu())
+    return torch.cat(values)
+
+
+@torch.no_grad()
+def _reference_sequence_logprobs(model, examples: Sequence[Example], pad: int, batch_size: int) -> torch.Tensor:
+    """Summed base log-probability of each example's answer (NPO's reference), computed once up front."""
+    values = []
+    for chunk in _chunks(examples, batch_size):
+        out = base_answer_logits(model, _collate(chunk, pad))
+        values.append(out.per_sequence_sum(out.token_logprobs()).cpu())
+    return torch.cat(values)
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+
+def _mentions(answer: str, terms: Sequence[str]) -> bool:
+    text = answer.lower()
+    return any(term.lower() in text for term in terms)
+
+
+class Validator:
+    """Checks, on held-out forget prompts, whether the concept is forgotten and whether retain KL is within budget.
+
+    A forget prompt with forbidden terms passes when the greedy answer contains none of them (case-insensitive).
+    A forget prompt without forbidden terms passes when the mean per-token log-probability of its base answer has
+    dropped by at least `val_logprob_drop` nats under the adapter. Retain KL is KL(base || model) per answer token on
+    the held-out retain prompts (or on the training retain prompts when there are too few to hold any out).
+    """
+
+    def __init__(self, model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord],
+                 config: TrainConfig) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.pad = pad_token_id(tokenizer)
+        self.by_terms = [r for r in forget if r.forbidden]
+        self.by_logprob = [build_example(tokenizer, r.messages, _answer_of(r)) for r in forget if not r.forbidden]
+        self.retain = [build_example(tokenizer, r.messages, _answer_of(r)) for r in retain]
+        self.base_logprobs = (_mean_token_logprobs(model, self.by_logprob, self.pad, config.batch_size, base=True)
+                              if self.by_logprob else None)
+
+    @property
+    def n_forget(self) -> int:
+        return len(self.by_terms) + len(self.by_logprob)
+
+    def __call__(self, step: int) -> dict:
+        passes = 0
+        if self.by_terms:
+            answers = greedy_answers(self.model, self.tokenizer, [r.messages for r in self.by_terms],
+                                     max_new_tokens=self.config.max_new_tokens_val, batch_size=self.config.batch_size)
+            passes += sum(not _mentions(a, r.forbidden) for a, r in zip(answers, self.by_terms, strict=True))
+        if self.by_logprob:
+            now = _mean_token_logprobs(self.model, self.by_logprob, self.pad, self.config.batch_size, base=False)
+            passes += int(((self.base_logprobs - now) >= self.config.val_logprob_drop).sum())
+        forget_pass = passes / self.n_forget
+        kl = self.retain_kl()
+        return {
+            "step": step, "forget_pass": forget_pass, "n_forget": self.n_forget, "retain_kl": kl,
+            "n_retain": len(self.retain), "forgotten": forget_pass >= self.config.forget_pass_target,
+            "within_budget": kl <= self.config.kl_budget,
+        }
+
+    @torch.no_grad()
+    def retain_kl(self) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for chunk in _chunks(self.retain, self.config.batch_size):
+            batch = _collate(chunk, self.pad)
+            current = answer_logits(self.model, batch)
+            total += float(kl_per_token(base_answer_logits(self.model, batch), current)) * len(current.targets)
+            tokens += len(current.targets)
+        self.model.train(was_training)
+        return total / tokens
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    if not params:
+        raise InputError("the model has no trainable LoRA parameters (attach an adapter first)")
+    return params
+
+
+def _atomic_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                    step: int, history: list[dict], config: TrainConfig, stopped_early: bool,
+                    validation: dict | None) -> None:
+    """Write adapter tensors and optimizer state (safetensors), then the JSON that points to them, both atomically.
+
+    The JSON is replaced last and older tensor files are removed after it, so a kill at any point leaves a
+    consistent checkpoint: either the previous one or the new one.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, param in params:
+        tensors[f"param::{name}"] = param.detach().cpu().contiguous()
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{key}::{name}"] = value.detach().cpu().contiguous()
+    tensor_name = f"checkpoint-{step:06d}.safetensors"
+    tmp = directory / (tensor_name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / tensor_name)
+    _atomic_json({
+        "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_name, "parameters": [n for n, _ in params],
+        "config": dataclasses.asdict(config), "history": history, "stopped_early": stopped_early,
+        "validation": validation,
+    }, directory / CHECKPOINT_JSON)
+    for old in directory.glob("checkpoint-*.safetensors"):
+        if old.name != tensor_name:
+            old.unlink()
+
+
+def _config_differences(saved: dict, config: TrainConfig) -> list[str]:
+    current = dataclasses.asdict(config)
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+
+
+def load_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
+                    config: TrainConfig) -> dict | None:
+    """Restore adapter tensors and optimizer state in place; returns the checkpoint's JSON, or None if there is none."""
+    meta_path = directory / CHECKPOINT_JSON
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / meta["tensors"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"cannot read checkpoint in {directory}: {err}") from err
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"checkpoint in {directory} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    differences = _config_differences(meta["config"], config)
+    if differences:
+        raise InputError(f"cannot resume from {directory}: training options differ from the checkpoint's: "
+                         f"{', '.join(differences)}")
+    names = [n for n, _ in params]
+    if meta["parameters"] != names:
+        raise InputError(f"cannot resume from {directory}: its adapter parameters do not match this model's")
+    state = {}
+    for index, (name, param) in enumerate(params):
+        saved = tensors[f"param::{name}"]
+        if saved.shape != param.shape:
+            raise InputError(f"cannot resume from {directory}: {name} has shape {tuple(saved.shape)}, "
+                             f"the model has {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(saved)
+        prefix, suffix = "optim.", f"::{name}"
+        entries = {k[len(prefix):-len(suffix)]: v for k, v in tensors.items()
+                   if k.startswith(prefix) and k.endswith(suffix)}
+        if entries:
+            # Moment buffers follow the parameter's device/dtype; the step counter stays as saved.
+            state[index] = {k: v if v.dim() == 0 else v.to(param.device, param.dtype) for k, v in entries.items()}
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = state
+    optimizer.load_state_dict(optimizer_state)
+    return meta
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    forget: list[Example]
+    retain: list[Example]
+    forget_reference: torch.Tensor | None
+    pad: int
+
+    def batch(self, config: TrainConfig, step: int) -> UnlearnBatch:
+        f_idx = batch_indices(len(self.forget), config.batch_size, config.seed, _FORGET_STREAM, step)
+        r_idx = batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step)
+        reference = self.forget_reference[f_idx] if self.forget_reference is not None else None
+        return UnlearnBatch(_collate([self.forget[i] for i in f_idx], self.pad),
+                            _collate([self.retain[i] for i in r_idx], self.pad), reference)
+
+
+def _rng_devices(model: torch.nn.Module) -> list[torch.device]:
+    device = next(model.parameters()).device
+    return [device] if device.type == "cuda" else []
+
+
+def _train_step(model, objective: Objective, optimizer, params, data: _Data, config: TrainConfig,
+                step: int) -> dict[str, float]:
+    with torch.random.fork_rng(devices=_rng_devices(model)):
+        torch.manual_seed(derived_seed(config.seed, _STEP_STREAM, step))
+        metrics = objective(model, data.batch(config, step))
+        optimizer.zero_grad(set_to_none=True)
+        metrics["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
+        optimizer.step()
+    return {k: float(v.detach()) for k, v in metrics.items()}
+
+
+def train_unlearning(
+    model,
+    tokenizer,
+    forget: list[PromptRecord],
+    retain: list[PromptRecord],
+    config: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the model's adapter to forget `forget` while staying close to the base model on `retain`.
+
+    Records carry `answer` (the base model's greedy answers). A seeded `val_fraction` of the forget prompts (and of
+    the retain prompts) is held out for validation every `eval_every` steps; with `early_stop`, training stops once
+    the held-out forget prompts pass and retain KL is within `kl_budget`. Checkpoints go to `checkpoint_dir` every
+    `checkpoint_every` steps and at the end; `resume=True` continues from the checkpoint there, if any.
+    """
+    config.validate()
+    if not forget or not retain:
+        raise InputError(f"unlearning needs forget and retain prompts (got {len(forget)} forget, {len(retain)} retain)")
+    if resume and checkpoint_dir is None:
+        raise InputError("resume needs a checkpoint directory")
+    objective = config.make_objective()
+    train_forget, val_forget = split_validation(forget, config.val_fraction, config.seed, _FORGET_STREAM)
+    train_retain, val_retain = split_validation(retain, config.val_fraction, config.seed, _RETAIN_STREAM)
+    pad = pad_token_id(tokenizer)
+    params = _trainable_parameters(model)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr, weight_decay=config.weight_decay)
+
+    was_training = model.training
+    model.eval()
+    forget_examples = [build_example(tokenizer, r.messages, objective.forget_answer(r)) for r in train_forget]
+    retain_examples = [build_example(tokenizer, r.messages, _answer_of(r)) for r in train_retain]
+    reference = (_reference_sequence_logprobs(model, forget_examples, pad, config.batch_size)
+                 if objective.needs_forget_reference else None)
+    data = _Data(forget_examples, retain_examples, reference, pad)
+    validator = Validator(model, tokenizer, val_forget, val_retain or train_retain, config) if val_forget else None
+
+    start, history, stopped_early, validation = 0, [], False, None
+    meta = load_checkpoint(Path(checkpoint_dir), params, optimizer, config) if resume else None
+    if meta is not None:
+        start, history = meta["step"], meta["history"]
+        stopped_early, validation = meta["stopped_early"] and config.early_stop, meta["validation"]
+
+    started = time.perf_counter()
+    last_saved = start if meta is not None else -1
+    bar = tqdm(total=config.steps, initial=start, desc="unlearning", disable=not progress or stopped_early)
+    step = start
+    model.train()
+    while step < config.steps and not stopped_early:
+        tick = time.perf_counter()
+        metrics = _train_step(model, objective, optimizer, params, data, config, step)
+        step += 1
+        entry = {"step": step, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                 "seconds": time.perf_counter() - tick}
+        if validator is not None and (step % config.eval_every == 0 or step == config.steps):
+            validation = validator(step)
+            entry.update(val_forget_pass=validation["forget_pass"], val_retain_kl=validation["retain_kl"])
+            # Passing at the last step is not an early stop (and must not block a resume with more steps).
+            stopped_early = (config.early_stop and step < config.steps and validation["forgotten"]
+                             and validation["within_budget"])
+        history.append(entry)
+        bar.update(1)
+        bar.set_postfix(forget=f"{metrics['forget_loss']:.3f}", kl=f"{metrics['retain_kl']:.4f}")
+        if checkpoint_dir is not None and step % config.checkpoint_every == 0:
+            save_checkpoint(Path(checkpoint_dir), params, optimizer, step, history, config, stopped_early, validation)
+            last_saved = step
+    bar.close()
+    if checkpoint_dir is not None and last_saved != step:
+        save_checkpoint(Path(checkpoint_dir), params, optimizer, step, history, config, stopped_early, validation)
+    model.train(was_training)
+    return TrainResult(history, step, stopped_early, validation, time.perf_counter() - started)
