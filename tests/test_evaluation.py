@@ -1,0 +1,223 @@
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import tiny_model
+
+from agml import evaluation
+from agml.data import IGNORE_INDEX, PromptRecord, parse_record
+from agml.errors import InputError
+from agml.evaluation import (
+    cloze_example,
+    evaluate,
+    format_summary,
+    pass_rates,
+    probe_passes,
+    score_answers,
+    text_fluency,
+)
+
+VOCAB = 49152
+
+
+def record(**fields) -> PromptRecord:
+    return parse_record(fields, "test")
+
+
+PROBES = [
+    record(prompt="What is Inception?", type="forget", category="direct", forbidden=["inception", "nolan"]),
+    record(prompt="Complete: the dream heist film is called", type="forget", category="cloze", forbidden=["inception"]),
+    record(prompt="Who directed Memento?", type="retain", category="neighbour", required=["nolan"]),
+    record(
+        messages=[
+            {"role": "user", "content": "Name a city."},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "Which country is it in?"},
+        ],
+        type="retain",
+        category="geography",
+        required=["france"],
+    ),
+]
+
+
+def peft_tiny(randomise: bool, seed: int = 0):
+    model = get_peft_model(
+        tiny_model("llama", seed=seed, vocab_size=VOCAB),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    )
+    if randomise:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator))
+    model.eval()
+    return model
+
+
+def adapter_disabled(model) -> bool:
+    return any(m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def scripted_generation(monkeypatch, before: list[str], after: list[str]) -> None:
+    """greedy_answers returns `before` with the adapter disabled and `after` with it active."""
+
+    def fake(model, tokenizer, conversations, max_new_tokens=64, batch_size=16, desc=None):
+        answers = before if adapter_disabled(model) else after
+        assert len(answers) == len(conversations)
+        return list(answers)
+
+    monkeypatch.setattr(evaluation, "greedy_answers", fake)
+
+
+# --- pass rules --------------------------------------------------------------------------------------------------
+
+
+def test_forget_probe_passes_without_forbidden_terms_case_insensitively():
+    probe = PROBES[0]
+    assert probe_passes(probe, "I do not know that film.")
+    assert not probe_passes(probe, "INCEPTION is a 2010 film.")
+    assert not probe_passes(probe, "It was directed by Christopher Nolan.")
+
+
+def test_retain_probe_needs_one_required_term_case_insensitively():
+    probe = record(prompt="Who directed Memento?", type="retain", required=["nolan", "christopher"])
+    assert probe_passes(probe, "Christopher NOLAN.")
+    assert probe_passes(probe, "christopher")
+    assert not probe_passes(probe, "I am not sure.")
+    assert probe_passes(record(prompt="Say hi", type="retain"), "anything")
+
+
+def test_pass_rates_by_category_and_empty_types():
+    probes = [
+        record(prompt="a", type="forget", category="x", forbidden=["z"]),
+        record(prompt="b", type="forget", category="x", forbidden=["z"]),
+        record(prompt="c", type="forget", category="y", forbidden=["z"]),
+        record(prompt="d", type="forget", category="y", forbidden=["z"]),
+    ]
+    passed = [True, False, True, True]
+    assert pass_rates(probes, passed, "forget") == {"pass_rate": 0.75, "n": 4, "by_category": {"x": 0.5, "y": 1.0}}
+    assert pass_rates(probes, passed, "retain") == {"pass_rate": None, "n": 0, "by_category": {}}
+
+
+def test_score_answers_entries_follow_the_design_shape():
+    before = ["Inception is a film.", "Inception", "Christopher Nolan", "It is in France."]
+    after = ["I don't know.", "a movie", "Nolan did.", "Germany"]
+    result = score_answers(PROBES, before, after)
+    assert result["before"]["forget"] == {"pass_rate": 0.0, "n": 2, "by_category": {"cloze": 0.0, "direct": 0.0}}
+    assert result["after"]["forget"]["pass_rate"] == 1.0
+    assert result["before"]["retain"]["pass_rate"] == 1.0
+    assert result["after"]["retain"] == {"pass_rate": 0.5, "n": 2, "by_category": {"geography": 0.0, "neighbour": 1.0}}
+    single, multi = result["probes"][0], result["probes"][3]
+    assert single == {
+        "prompt": "What is Inception?", "type": "forget", "category": "direct",
+        "before": before[0], "after": after[0], "before_pass": False, "after_pass": True,
+    }
+    assert multi["prompt"] == "Which country is it in?"
+    assert multi["messages"][1] == {"role": "assistant", "content": "Paris."}
+
+
+# --- fluency ---------------------------------------------------------------------------------------------------
+
+
+def test_text_fluency_on_handcrafted_answers():
+    # words a b c a b c: trigrams abc bca cab abc (1 repeat of 4); bigrams ab bc ca ab bc (3 distinct of 5)
+    assert text_fluency(["A b, c a B c"]) == {"repetition_rate": 0.25, "distinct_2": 0.6, "answer_length": 6.0}
+    loop = text_fluency(["the film the film the film the film the film"])
+    varied = text_fluency(["Paris is the capital of France.", "Water boils at one hundred degrees."])
+    assert loop["repetition_rate"] > 0.7 and varied["repetition_rate"] == 0.0
+    assert loop["distinct_2"] < 0.3 and varied["distinct_2"] == 1.0
+    assert text_fluency(["", "ok"]) == {"repetition_rate": None, "distinct_2": None, "answer_length": 0.5}
+
+
+# --- cloze ----------------------------------------------------------------------------------------------------
+
+
+def labelled_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def test_cloze_term_is_scored_where_the_base_answer_says_it(smol_tokenizer):
+    probe = PROBES[1]
+    example = cloze_example(smol_tokenizer, probe, "The film is called Inception, by Nolan.", ["Inception"])
+    assert labelled_text(smol_tokenizer, example) == " Inception"
+    assert smol_tokenizer.decode(example.input_ids).endswith("The film is called Inception")
+    # The earliest candidate wins, whether a concept term or a forbidden string.
+    nolan_first = cloze_example(smol_tokenizer, PROBES[0], "Nolan made Inception.", ["Inception"])
+    assert labelled_text(smol_tokenizer, nolan_first) == "Nolan"
+
+
+def test_cloze_term_falls_back_to_the_start_of_the_answer(smol_tokenizer):
+    example = cloze_example(smol_tokenizer, PROBES[1], "I am not sure.", ["Inception"])
+    assert labelled_text(smol_tokenizer, example) == "Inception"
+    assert labelled_text(smol_tokenizer, cloze_example(smol_tokenizer, PROBES[1], "No idea.", [])) == "inception"
+
+
+# --- the whole evaluation -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_adapter():
+    return peft_tiny(randomise=True)
+
+
+def test_evaluate_json_shape_and_types(monkeypatch, smol_tokenizer, random_adapter):
+    before = ["Inception is a film.", "It is called Inception.", "Christopher Nolan", "It is in France."]
+    after = ["I don't know.", "a movie a movie a movie a movie", "Nolan did.", "Germany"]
+    scripted_generation(monkeypatch, before, after)
+    result = evaluate(random_adapter, smol_tokenizer, PROBES, concept_terms=["Inception"], progress=False)
+    assert set(result) == {"before", "after", "probes", "cloze_logprob", "retain_kl", "fluency", "summary"}
+    for side in ("before", "after"):
+        assert set(result[side]) == {"forget", "retain"}
+        for kind in ("forget", "retain"):
+            assert set(result[side][kind]) == {"pass_rate", "n", "by_category"}
+        assert set(result["fluency"][side]) == {"repetition_rate", "distinct_2", "perplexity", "answer_length"}
+        assert result["fluency"][side]["perplexity"] > 1.0
+    assert [p["before"] for p in result["probes"]] == before and [p["after"] for p in result["probes"]] == after
+    assert result["cloze_logprob"]["n"] == 1
+    assert result["cloze_logprob"]["before"] < 0 and result["cloze_logprob"]["after"] < 0
+    assert result["cloze_logprob"]["before"] != result["cloze_logprob"]["after"]
+    assert result["retain_kl"] > 0
+    summary = result["summary"]
+    assert summary["forget_pass_before"] == 0.0 and summary["forget_pass_after"] == 1.0
+    assert summary["retain_pass_ratio"] == 0.5
+    assert summary["fluency_ratio"] == pytest.approx(
+        result["fluency"]["after"]["perplexity"] / result["fluency"]["before"]["perplexity"]
+    )
+    assert result["fluency"]["after"]["repetition_rate"] > result["fluency"]["before"]["repetition_rate"]
+    json.dumps(result, allow_nan=False)
+    table = format_summary(result)
+    assert "forget pass (n=2)" in table and "100.0%" in table and "retain KL" in table
+
+
+def test_evaluate_without_retain_probes_has_no_retain_numbers(monkeypatch, smol_tokenizer, random_adapter):
+    scripted_generation(monkeypatch, ["Inception"], ["no"])
+    result = evaluate(random_adapter, smol_tokenizer, PROBES[:1], progress=False)
+    assert result["before"]["retain"] == {"pass_rate": None, "n": 0, "by_category": {}}
+    assert result["retain_kl"] is None and result["summary"]["retain_pass_ratio"] is None
+    assert result["cloze_logprob"] == {"before": None, "after": None, "n": 0}
+    assert "-" in format_summary(result)
+
+
+def test_retain_kl_is_zero_for_a_noop_adapter_and_positive_for_a_random_one(smol_tokenizer, random_adapter):
+    noop = evaluate(peft_tiny(randomise=False), smol_tokenizer, PROBES, max_new_tokens=5, progress=False)
+    assert noop["retain_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert [p["before"] for p in noop["probes"]] == [p["after"] for p in noop["probes"]]
+    assert noop["cloze_logprob"]["before"] == pytest.approx(noop["cloze_logprob"]["after"])
+    first = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=5, batch_size=3, progress=False)
+    assert first["retain_kl"] > 0.01 and math.isfinite(first["retain_kl"])
+    again = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=5, batch_size=3, progress=False)
+    assert json.dumps(first) == json.dumps(again)
+
+
+def test_evaluate_rejects_bad_arguments(smol_tokenizer, random_adapter):
+    with pytest.raises(InputError, match="no probes"):
+        evaluate(random_adapter, smol_tokenizer, [], progress=False)
+    with pytest.raises(InputError, match="max new tokens"):
+        evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=0, progress=False)
+    with pytest.raises(InputError, match="batch size"):
+        evaluate(random_adapter, smol_tokenizer, PROBES, batch_size=0, progress=False)
