@@ -21,6 +21,22 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def import_triton():
+    """Import triton on first use of a Triton path; returns (triton, triton.language).
+
+    Triton decides at decoration time whether a @triton.jit function is compiled or interpreted, including its own
+    standard library (decorated when triton is imported). So TRITON_INTERPRET=1 only works if it was set before the
+    first `import triton` in the process; say so instead of failing deep inside the interpreter.
+    """
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    if triton_interpreted() and isinstance(tl.zeros, JITFunction):
+        raise RuntimeError("TRITON_INTERPRET=1 must be set before triton is first imported in this process")
+    return triton, tl
+
+
 def backend() -> str:
     """Return "triton" or "reference"; the env var AGML_KERNELS forces one."""
     forced = os.environ.get("AGML_KERNELS", "").strip().lower()

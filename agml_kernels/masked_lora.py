@@ -24,14 +24,17 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from agml_kernels._backend import triton_interpreted, use_triton_for
+from agml_kernels._backend import import_triton, triton_interpreted, use_triton_for
 
-try:  # triton is a Linux-only dependency; the reference path works without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
+# Imported on first use of the Triton path (see _backend.import_triton): importing agml_kernels never imports triton.
+triton = tl = None
+
+
+def _ensure_triton() -> None:
+    global triton, tl
+    if triton is None:
+        triton, tl = import_triton()
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Argument validation
@@ -356,8 +359,7 @@ _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_T": 3
 @functools.lru_cache(maxsize=2)
 def _kernels(interpreted: bool):
     """JIT-wrap the kernels for the current mode; linear kernel autotuned on GPUs, one small config interpreted."""
-    if triton is None:
-        raise RuntimeError("the Triton path needs the triton package")
+    _ensure_triton()
     if interpreted:
         b = _INTERPRETER_BLOCKS
         configs = [triton.Config({k: b[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})]

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from agml_kernels._backend import triton_interpreted, use_triton_for
+from agml_kernels._backend import import_triton, triton_interpreted, use_triton_for
 
-try:  # triton is a Linux-only dependency; the reference path works without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
+# Imported on first use of the Triton path (see _backend.import_triton): importing agml_kernels never imports triton.
+triton = tl = None
+
+
+def _ensure_triton() -> None:
+    global triton, tl
+    if triton is None:
+        triton, tl = import_triton()
 
 
 @dataclass
@@ -138,8 +140,7 @@ def _neuron_stats_kernel(
 @functools.lru_cache(maxsize=2)
 def _kernel(interpreted: bool):
     """JIT-wrap on first use, so the interpreter can be switched on after import (Triton decides at decoration)."""
-    if triton is None:
-        raise RuntimeError("the Triton path needs the triton package")
+    _ensure_triton()
     return triton.jit(_neuron_stats_kernel)
 
 
@@ -164,11 +165,12 @@ def neuron_stats_triton(acts, grads, token_mask=None) -> NeuronStats:
     """Triton path: one pass over acts and grads, per-split float32 partials, fixed-order reduction."""
     a2, g2, mask = _flatten(acts, grads, token_mask)
     tokens, hidden = a2.shape
+    kernel = _kernel(triton_interpreted())
     block_t, block_h, splits, rows_per_split = _launch_shape(tokens, hidden, a2.device)
     partials = torch.zeros((2, splits, hidden), dtype=torch.float32, device=a2.device)
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
     if tokens > 0 and hidden > 0:
-        _kernel(triton_interpreted())[(triton.cdiv(hidden, block_h), splits)](
+        kernel[(triton.cdiv(hidden, block_h), splits)](
             a2, g2, mask_u8 if mask_u8 is not None else a2, partials[0], partials[1],
             tokens, hidden, rows_per_split,
             a2.stride(0), a2.stride(1), g2.stride(0), g2.stride(1), partials.stride(1),
