@@ -138,7 +138,8 @@ def test_text_fluency_on_handcrafted_answers():
 
 
 def labelled_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+    pairs = zip(example.input_ids, example.labels, strict=True)
+    return tokenizer.decode([token for token, label in pairs if label != IGNORE_INDEX])
 
 
 def test_cloze_term_is_scored_where_the_base_answer_says_it(smol_tokenizer):
