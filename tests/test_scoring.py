@@ -340,11 +340,17 @@ def test_cli_score_end_to_end(tmp_path, smol_tiny_folder, capsys):
     assert main([*argv, "--force"]) == 0
 
 
-@pytest.mark.parametrize("bad", [["--density", "0"], ["--density", "1.5"], ["--batch-size", "0"],
-                                 ["--forget", "/nonexistent/forget.jsonl"]])
-def test_cli_score_rejects_bad_input_before_loading_the_model(tmp_path, bad, capsys):
+@pytest.mark.parametrize(("bad", "message"), [
+    (["--density", "0"], "--density must be in (0, 1]"),
+    (["--density", "1.5"], "--density must be in (0, 1]"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--forget", "/nonexistent/forget.jsonl"], "prompt file not found"),
+])
+def test_cli_score_rejects_bad_input_before_loading_the_model(tmp_path, bad, message, capsys):
     from agml.cli import main
 
+    # The model path does not exist either: the option error must come first, before any model loading.
     assert main(["score", "--model", str(tmp_path / "no-model-here"), "--out", str(tmp_path / "o"), *bad]) == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("agml score: error: ") and message in err
     assert not (tmp_path / "o").exists()
