@@ -192,6 +192,107 @@ def _cmd_score(args) -> int:
 _SUBCOMMANDS.append(_add_score_parser)
 
 
+def _add_eval_parser(sub) -> None:
+    from agml.relearn import DEFAULT_EXAMPLES, DEFAULT_LR
+
+    p = sub.add_parser("eval", help="evaluate a run: forget/retain pass rates before and after, KL, fluency",
+                       description="Answers every probe greedily with the run's adapter disabled (before) and "
+                                   "active (after); optionally attacks the run by relearning.")
+    p.add_argument("run", metavar="RUN", help="run folder written by agml unlearn")
+    p.add_argument("--probes", help="probes (JSONL) to use instead of the run's held-out probes")
+    p.add_argument("--json", metavar="OUT", help="also write the full result to OUT (JSON; replaced atomically)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (greedy)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--relearn", type=int, metavar="STEPS",
+                   help="relearning attack: fine-tune STEPS steps on a few forget answers, re-run the forget probes")
+    p.add_argument("--relearn-lr", type=float, default=DEFAULT_LR, help="learning rate of the relearning attack")
+    p.add_argument("--relearn-examples", type=int, default=DEFAULT_EXAMPLES,
+                   help="how many forget answers the relearning attack trains on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the relearning attack")
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _eval_inputs(args):
+    """Validate options, the run folder and the probes before loading any model: (config, probes, forget)."""
+    from pathlib import Path
+
+    from agml import runs
+    from agml.data import load_prompts
+    from agml.errors import InputError
+    from agml.relearn import attack_slice
+
+    checks = {"--max-new-tokens": args.max_new_tokens, "--batch-size": args.batch_size}
+    if args.relearn is not None:
+        checks.update({"--relearn": args.relearn, "--relearn-examples": args.relearn_examples})
+        if not args.relearn_lr > 0:
+            raise InputError(f"--relearn-lr must be > 0, got {args.relearn_lr}")
+    for flag, value in checks.items():
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    if args.json is not None:
+        target = Path(args.json)
+        if target.is_dir():
+            raise InputError(f"--json {target} is a folder; give a file name")
+        if not target.parent.is_dir():
+            raise InputError(f"--json {target}: folder {target.parent} does not exist")
+    config = runs.read_config(args.run)
+    probes = load_prompts(args.probes) if args.probes else runs.load_records(Path(args.run), "probes")
+    if not probes:
+        raise InputError(f"{args.run} holds no probes ({runs.DATA_DIR}/probes.jsonl); pass --probes")
+    forget = []
+    if args.relearn is not None:
+        forget = runs.load_records(Path(args.run), "forget") or []
+        if not any(p.type == "forget" for p in probes):
+            raise InputError("--relearn needs forget probes; the probe set has none")
+        attack_slice(forget, probes, args.relearn_examples, args.seed)  # raises when nothing is left to train on
+    return config, probes, forget
+
+
+def _eval_concept_terms(config: dict, run) -> tuple[str, ...]:
+    """The concept's name and aliases: the report's resolved concept (or --concept) first, for the cloze metric."""
+    import json
+    from pathlib import Path
+
+    options = config.get("options", {})
+    report = Path(run) / "report.json"
+    concept = options.get("concept")
+    if report.is_file():
+        try:
+            concept = json.loads(report.read_text(encoding="utf-8")).get("concept") or concept
+        except (json.JSONDecodeError, AttributeError):
+            pass  # an unreadable report only costs the cloze metric its preferred term
+    aliases = options.get("aliases") or ()
+    if isinstance(aliases, str):
+        aliases = aliases.split(",")
+    return tuple(t.strip() for t in (concept, *aliases) if isinstance(t, str) and t.strip())
+
+
+def _cmd_eval(args) -> int:
+    from agml import runs
+    from agml.evaluation import evaluate, format_summary
+
+    config, probes, forget = _eval_inputs(args)
+    loaded = runs.load_run(args.run)
+    result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, concept_terms=_eval_concept_terms(config, args.run))
+    if args.relearn is not None:
+        from agml.relearn import relearn_attack
+
+        result["relearn"] = relearn_attack(
+            loaded.model, loaded.tokenizer, forget, probes, steps=args.relearn, lr=args.relearn_lr,
+            n_examples=args.relearn_examples, seed=args.seed, max_new_tokens=args.max_new_tokens,
+            eval_batch_size=args.batch_size,
+        )
+    print(format_summary(result))
+    if args.json is not None:
+        runs.write_json(args.json, result)
+        print(f"written to {args.json}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_eval_parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
