@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,85 @@ def test_evaluate_rejects_bad_arguments(smol_tokenizer, random_adapter):
         evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=0, progress=False)
     with pytest.raises(InputError, match="batch size"):
         evaluate(random_adapter, smol_tokenizer, PROBES, batch_size=0, progress=False)
+
+
+# --- agml eval ------------------------------------------------------------------------------------------------
+
+
+def fake_run(tmp_path, probes=PROBES, forget=()):
+    from agml.runs import save_records, write_json
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    write_json(run / "config.json", {"options": {"concept": "Inception", "aliases": ["Dom Cobb"]}})
+    save_records(run, "probes", list(probes))
+    if forget:
+        save_records(run, "forget", list(forget))
+    return run
+
+
+@pytest.fixture
+def loaded_tiny_run(monkeypatch, smol_tokenizer, random_adapter):
+    """runs.load_run returns the tiny random adapter with the run's records (no model download)."""
+    from agml import runs
+
+    def load(run, device=None):
+        run = Path(run)
+        return runs.LoadedRun(random_adapter, smol_tokenizer, runs.read_config(run),
+                              runs.load_records(run, "probes") or [], runs.load_records(run, "forget") or [], [])
+
+    monkeypatch.setattr(runs, "load_run", load)
+
+
+def test_eval_cli_prints_the_table_and_writes_json(tmp_path, capsys, loaded_tiny_run):
+    from agml.cli import main
+
+    forget = [record(prompt=f"Tell me about film {i}.", type="forget", forbidden=["inception"],
+                     answer=f"Film {i} is Inception.") for i in range(3)]
+    run = fake_run(tmp_path, forget=forget)
+    out = tmp_path / "eval.json"
+    out.write_text("old")
+    code = main(["eval", str(run), "--json", str(out), "--max-new-tokens", "3", "--relearn", "2",
+                 "--relearn-examples", "2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "forget pass (n=2)" in printed and "relearning attack: 2 steps on 2 forget answers" in printed
+    result = json.loads(out.read_text())
+    assert result["before"]["forget"]["n"] == 2 and result["relearn"]["steps"] == 2
+    assert [p["prompt"] for p in result["probes"]] == [p.prompt for p in PROBES]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--relearn", "0"], "--relearn must be >= 1"),
+        (["--json", "/nonexistent/folder/out.json"], "does not exist"),
+        (["--probes", "missing.jsonl"], "prompt file not found"),
+        (["--relearn", "3"], "forget records with answers"),
+    ],
+)
+def test_eval_cli_rejects_bad_input_before_loading(tmp_path, capsys, monkeypatch, extra, message):
+    from agml import runs
+    from agml.cli import main
+
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
+    assert main(["eval", str(fake_run(tmp_path)), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_cli_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from agml.cli import main
+
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is not an agml run" in capsys.readouterr().err
+
+
+def test_eval_concept_terms_prefer_the_reports_resolved_concept(tmp_path):
+    from agml.cli import _eval_concept_terms
+
+    config = {"options": {"concept": None, "aliases": ["Dom Cobb", " "]}}
+    assert _eval_concept_terms(config, tmp_path) == ("Dom Cobb",)
+    (tmp_path / "report.json").write_text(json.dumps({"concept": "Inception"}))
+    assert _eval_concept_terms(config, tmp_path) == ("Inception", "Dom Cobb")
