@@ -157,7 +157,9 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of answer-token NLL, answer_positions mask) for one collated batch on the model's device.
 
-    Position ids follow the attention mask, so left- and right-padded batches see the same positions.
+    Position ids follow the attention mask, so left- and right-padded batches see the same positions. Logits
+    are computed only at sequence positions where some row predicts an answer token (the vocabulary projection
+    is a large share of a small model's compute and its output the largest activation).
     """
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
@@ -165,11 +167,14 @@ def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     labels = batch["labels"].to(device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     positions = answer_positions(labels)
+    keep = positions.any(0).nonzero().squeeze(1)
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        logits_to_keep=keep,
     ).logits
-    targets = labels[:, 1:][positions[:, :-1]]
-    loss = F.cross_entropy(logits[positions].float(), targets, reduction="sum")
+    kept = positions[:, keep]
+    targets = labels[:, keep + 1][kept]
+    loss = F.cross_entropy(logits[kept].float(), targets, reduction="sum")
     return loss, positions
 
 
