@@ -49,6 +49,7 @@ class UnlearnOptions:
     max_new_tokens: int = 64
     answer_tokens: int = 48
     early_stop: bool = True
+    checkpoint_every: int = 10
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -58,7 +59,8 @@ class UnlearnOptions:
         if not 0.0 < self.density <= 1.0:
             raise InputError(f"--density must be in (0, 1], got {self.density}")
         checks = {"--rank": self.rank, "--steps": self.steps, "--batch-size": self.batch_size,
-                  "--max-new-tokens": self.max_new_tokens, "--answer-tokens": self.answer_tokens}
+                  "--max-new-tokens": self.max_new_tokens, "--answer-tokens": self.answer_tokens,
+                  "--checkpoint-every": self.checkpoint_every}
         for flag, value in checks.items():
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
@@ -117,9 +119,13 @@ def resolve_data(options: UnlearnOptions) -> RunData:
     return RunData(forget, retain, probes, name, (name, *aliases))
 
 
+def _conversation_key(record: PromptRecord) -> tuple:
+    return tuple((m["role"], " ".join(m["content"].lower().split())) for m in record.messages)
+
+
 def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) -> None:
-    seen = {r.messages for r in training}
-    leaked = [p.source for p in probes if p.messages in seen]
+    seen = {_conversation_key(r) for r in training}
+    leaked = [p.source for p in probes if _conversation_key(p) in seen]
     if leaked:
         raise InputError(f"probe {leaked[0]} is also a training prompt; probes must be held out")
 
@@ -149,22 +155,26 @@ def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, wor
     targets = ("gate_proj", "up_proj", "down_proj")
     if options.method == "lora":
         return apply_lora(model, r=options.rank, alpha=options.alpha, targets=targets), None
-    from agml.masks import build_masks
+    from agml.masks import NeuronMasks, build_masks
     from agml.plots import plot_heatmap
-    from agml.scoring import score_neurons
+    from agml.scoring import NeuronScores, score_neurons
 
-    start = time.perf_counter()
-    scores = score_neurons(
-        model,
-        _score_batches(tokenizer, data.forget, options.batch_size),
-        _score_batches(tokenizer, data.retain, options.batch_size),
-    )
-    masks = build_masks(scores, density=options.density, strategy=options.strategy, score=options.score)
-    scores.save(work / "scores.safetensors")
-    masks.save(work / "masks.safetensors")
+    scores_path, masks_path = work / "scores.safetensors", work / "masks.safetensors"
+    if masks_path.is_file() and scores_path.is_file():  # a resumed run keeps the masks it trained with
+        scores, masks = NeuronScores.load(scores_path), NeuronMasks.load(masks_path)
+    else:
+        start = time.perf_counter()
+        scores = score_neurons(
+            model,
+            _score_batches(tokenizer, data.forget, options.batch_size),
+            _score_batches(tokenizer, data.retain, options.batch_size),
+        )
+        masks = build_masks(scores, density=options.density, strategy=options.strategy, score=options.score)
+        scores.save(scores_path)
+        masks.save(masks_path)
+        log(f"selected {masks.total} neurons in {len(masks)} layers ({time.perf_counter() - start:.1f}s scoring)")
     (work / "plots").mkdir(exist_ok=True)
     plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
-    log(f"scored {sum(1 for _ in masks)} layers, selected {masks.total} neurons in {time.perf_counter() - start:.1f}s")
     return apply_masked_lora(model, masks, r=options.rank, alpha=options.alpha, targets=targets), masks
 
 
@@ -190,6 +200,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     train_config = TrainConfig(
         objective=options.objective, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
         retain_weight=options.retain_weight, seed=options.seed, early_stop=options.early_stop,
+        checkpoint_every=options.checkpoint_every,
     )
     started = time.perf_counter()
     torch.manual_seed(options.seed)
