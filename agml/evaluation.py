@@ -10,9 +10,10 @@ teacher-forced and fluency metrics:
 * `cloze_logprob`: on forget probes of category "cloze", the log-probability (nats, summed over the term's tokens) that
   the model says the concept term where the base model said it. The term is the earliest of `concept_terms` +
   the probe's `forbidden` found in the base ("before") answer, and it is scored after the base answer's prefix up to
-  that point (teacher forcing). When the base answer names none of them, the term is the first concept term (else the
-  first forbidden string) at the start of the answer. Before and after use the same prefix and term, so the difference
-  is the adapter's effect alone. Averaged over cloze probes.
+  that point (teacher forcing). Terms the probe's own text contains are skipped (the base answer often echoes the
+  prompt). When the base answer names none of them, the term is the first remaining concept term (else forbidden
+  string) at the start of the answer; a probe with no remaining term is left out. Before and after use the same
+  prefix and term, so the difference is the adapter's effect alone. Averaged over the cloze probes scored ("n").
 * `retain_kl`: KL(base || model) per token on the base model's own answers to the retain probes (teacher forcing),
   summed over the answer tokens (end-of-turn marker included) and divided by their number.
 * `fluency` over the answers to all probes: `repetition_rate` = share of word 3-grams that repeat an earlier 3-gram of
@@ -185,7 +186,9 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def cloze_example(tokenizer, probe: PromptRecord, base_answer: str, concept_terms: Sequence[str]) -> Example | None:
     """Teacher-forcing example whose labels are the concept term's tokens (see the module docstring)."""
-    candidates = [t for t in (*concept_terms, *probe.forbidden) if t.strip()]
+    # A term the conversation already contains would be scored on a copy of the prompt, not on recall.
+    asked = " ".join(m["content"] for m in probe.messages).lower()
+    candidates = [t for t in (*concept_terms, *probe.forbidden) if t.strip() and t.lower() not in asked]
     if not candidates:
         return None
     lowered = base_answer.lower()

@@ -153,6 +153,15 @@ def test_cloze_term_is_scored_where_the_base_answer_says_it(smol_tokenizer):
     assert labelled_text(smol_tokenizer, nolan_first) == "Nolan"
 
 
+def test_cloze_skips_terms_the_prompt_already_contains(smol_tokenizer):
+    probe = record(prompt="Complete: The director of Inception is", type="forget", category="cloze",
+                   forbidden=["nolan", "christopher"])
+    echo = "The director of Inception is Christopher Nolan."
+    assert labelled_text(smol_tokenizer, cloze_example(smol_tokenizer, probe, echo, ["Inception"])) == " Christopher"
+    only_echo = record(prompt="Say Inception", type="forget", category="cloze", forbidden=["inception"])
+    assert cloze_example(smol_tokenizer, only_echo, "Inception", ["Inception"]) is None
+
+
 def test_cloze_term_falls_back_to_the_start_of_the_answer(smol_tokenizer):
     example = cloze_example(smol_tokenizer, PROBES[1], "I am not sure.", ["Inception"])
     assert labelled_text(smol_tokenizer, example) == "Inception"
