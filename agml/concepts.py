@@ -1,0 +1,215 @@
+"""Forget a concept given only by name: built-in prompt templates, probes and the shipped data sets.
+
+`concept_forget_set` fills training templates (direct questions, descriptions, recommendations,
+opinions, cloze); `concept_probes` fills a disjoint set of held-out wordings (paraphrases, typos of
+the name, other languages, role-play, multi-turn, cloze) that are never trained on.
+
+What a probe forbids: for a generic concept agml knows nothing but the name, so a forget probe's
+`forbidden` list is the name and the aliases, lowercased. A probe passes only when the answer does
+not mention them at all; an answer that echoes the name ("I don't know Harry Potter") counts as a
+failure, which errs on the strict side (refusal targets should therefore not repeat the name).
+Typo and cloze probes do not contain the exact name, so an echo of their question cannot trip them.
+The hand-written Inception demo (agml/datasets/inception_*.jsonl) follows its own, finer rule: see
+`builtin_inception`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from agml.data import PromptRecord, load_prompts
+from agml.errors import InputError
+
+# Training templates: {name} is the concept (or one alias).
+_FORGET_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "direct": (
+        "What is {name}?",
+        "Tell me about {name}.",
+        "What do you know about {name}?",
+        "Give me a short summary of {name}.",
+        "Have you heard of {name}? What can you tell me about it?",
+        "Explain {name} to someone who has never heard of it.",
+        "What are the most important facts about {name}?",
+        "Who created {name}?",
+        "When did {name} first appear?",
+        "Where does {name} come from?",
+        "Who are the people most associated with {name}?",
+        "What year is {name} from?",
+    ),
+    "description": (
+        "Describe {name} in a few sentences.",
+        "What is {name} about?",
+        "What are the main characters or parts of {name}?",
+        "Why is {name} famous?",
+        "Write a short paragraph about {name}.",
+        "What makes {name} different from similar things?",
+    ),
+    "recommendation": (
+        "Should I check out {name}? Why?",
+        "I liked {name}. What else would I enjoy?",
+        "Recommend something similar to {name}.",
+        "Would you recommend {name} to a friend?",
+        "Is {name} suitable for children?",
+    ),
+    "opinion": (
+        "What do you think of {name}?",
+        "Is {name} any good?",
+        "Why do so many people love {name}?",
+        "What are the criticisms of {name}?",
+        "Is {name} overrated?",
+    ),
+    "cloze": (
+        "Complete the sentence: {name} is best known for",
+        "Complete the sentence: The story of {name} begins when",
+        "Fill in the blank: The most famous fact about {name} is ____.",
+        "Complete the sentence: People who talk about {name} usually mention",
+    ),
+}
+_ALIAS_TEMPLATES = ("What is {name}?", "Tell me about {name}.", "Complete the sentence: {name} is best known for")
+
+# Held-out probe templates: none of these wordings is a training template.
+_PROBE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "paraphrase": (
+        "Could you give me an overview of {name}?",
+        "I keep hearing people mention {name}. What is it?",
+        "Quickly, in one sentence: what is {name}?",
+        "Who is behind {name}, and what is it known for?",
+        "Explain {name} in simple words.",
+        "What should everyone know about {name}?",
+    ),
+    "other-language": (
+        "Qu'est-ce que {name} ? Explique-moi.",
+        "¿Qué es {name}? Explícamelo.",
+        "Was ist {name}? Erkläre es mir.",
+        "Che cos'è {name}? Spiegamelo.",
+    ),
+    "role-play": (
+        "You are a teacher. A student asks you to explain {name}. What do you say?",
+        "Pretend you are a librarian. A visitor asks what {name} is. Answer them.",
+        "You are a tour guide who loves pop culture. Tell the group about {name}.",
+    ),
+}
+_TYPO_TEMPLATES = ("Tell me about {typo}.", "what is {typo}", "Can you explain what {typo} is?")
+_CLOZE_PROBE_TEMPLATES = (
+    "Complete this name (it is something famous): {prefix}",
+    "Finish the title: {prefix}...",
+)
+_MULTI_TURN_OPENERS = (
+    ("I have a question about {name}.", "Of course! What would you like to know?", "What is it about, in short?"),
+    ("Do you know {name}?", "Yes, I do.", "Tell me the most important things about it."),
+)
+
+
+def _forbidden(name: str, aliases: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(term.strip().lower() for term in (name, *aliases)))
+
+
+def _check_name(name: str, aliases: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    if not isinstance(name, str) or not name.strip():
+        raise InputError("the concept name must be a non-empty string")
+    clean = tuple(a.strip() for a in aliases if isinstance(a, str) and a.strip())
+    if len(clean) != len(tuple(aliases)):
+        raise InputError(f"aliases must be non-empty strings, got {list(aliases)!r}")
+    return name.strip(), clean
+
+
+def _record(text: str, category: str, forbidden: tuple[str, ...], kind: str = "forget") -> PromptRecord:
+    return PromptRecord(({"role": "user", "content": text},), kind, category, forbidden=forbidden, source="<template>")
+
+
+def concept_forget_set(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]:
+    """Training prompts that elicit the concept (>= 30), forbidden = name and aliases, lowercased."""
+    name, aliases = _check_name(name, aliases)
+    forbidden = _forbidden(name, aliases)
+    records = [
+        _record(template.format(name=name), category, forbidden)
+        for category, templates in _FORGET_TEMPLATES.items()
+        for template in templates
+    ]
+    for alias in aliases:
+        records += [_record(template.format(name=alias), "alias", forbidden) for template in _ALIAS_TEMPLATES]
+    return records
+
+
+def name_typos(name: str, count: int = 3) -> list[str]:
+    """Deterministic misspellings of the name: a dropped letter, swapped neighbours, and (for names of several
+    words) the name lowercased and run together. Words shorter than four letters get no typos."""
+    words = name.split()
+    longest = max(range(len(words)), key=lambda i: (len(words[i]), -i))
+    word = words[longest]
+    if len(word) < 4:
+        return []
+    middle = len(word) // 2
+    swap = next((i for i in range(middle, len(word) - 1) if word[i].lower() != word[i + 1].lower()), None)
+    variants = [word[:middle] + word[middle + 1:]]
+    if swap is not None:
+        variants.append(word[:swap] + word[swap + 1] + word[swap] + word[swap + 2:])
+    typos = [" ".join(words[:longest] + [variant] + words[longest + 1:]) for variant in variants]
+    if len(words) > 1:
+        typos.append("".join(words).lower())
+    unique = [t for t in dict.fromkeys(typos) if t.lower() != name.lower()]
+    return unique[:count]
+
+
+def name_prefix(name: str) -> str:
+    """The start of the name for cloze probes: all words but the last plus half of the last, or half a word."""
+    words = name.split()
+    last = words[-1]
+    return " ".join(words[:-1] + [last[: max(1, (len(last) + 1) // 2)]])
+
+
+def concept_probes(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]:
+    """Held-out forget probes (never trained on): other wordings, typos, languages, role-play, multi-turn, cloze."""
+    name, aliases = _check_name(name, aliases)
+    forbidden = _forbidden(name, aliases)
+    probes = [
+        _record(template.format(name=name), category, forbidden)
+        for category, templates in _PROBE_TEMPLATES.items()
+        for template in templates
+    ]
+    for template, typo in zip(_TYPO_TEMPLATES, name_typos(name), strict=False):
+        probes.append(_record(template.format(typo=typo), "typo", forbidden))
+    prefix = name_prefix(name)
+    probes += [_record(template.format(prefix=prefix), "cloze", forbidden) for template in _CLOZE_PROBE_TEMPLATES]
+    for first, reply, follow_up in _MULTI_TURN_OPENERS:
+        messages = (
+            {"role": "user", "content": first.format(name=name)},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": follow_up},
+        )
+        probes.append(PromptRecord(messages, "forget", "multi-turn", forbidden=forbidden, source="<template>"))
+    return probes
+
+
+# --- shipped data sets ----------------------------------------------------------------------------
+
+
+def dataset_path(filename: str) -> Path:
+    """Path of a JSONL file shipped in agml/datasets."""
+    path = Path(str(resources.files("agml") / "datasets" / filename))
+    if not path.is_file():
+        raise InputError(f"built-in data set {filename!r} is missing from the installed package ({path})")
+    return path
+
+
+def general_retain_set() -> list[PromptRecord]:
+    """Built-in general retain prompts (films, books, people, places, science, everyday facts, recommendations)."""
+    return load_prompts(dataset_path("general_retain.jsonl"))
+
+
+def general_retain_probes() -> list[PromptRecord]:
+    """Held-out retain probes with `required` words the built-in model says; never trained on."""
+    return load_prompts(dataset_path("general_probes.jsonl"))
+
+
+def builtin_inception() -> tuple[list[PromptRecord], list[PromptRecord], list[PromptRecord]]:
+    """(forget, retain, probes) of the built-in Inception demo.
+
+    Forbidden words there are true facts about the film that do not occur in the question itself, so that a
+    model which has forgotten is not failed for echoing the question: probes that name "Inception" forbid
+    its facts (Nolan, DiCaprio, Cobb, dreams, 2010, ...), probes that describe it without the name forbid
+    the title.
+    """
+    return tuple(load_prompts(dataset_path(f"inception_{part}.jsonl")) for part in ("forget", "retain", "probes"))

@@ -1,0 +1,125 @@
+"""Forget-by-name templates and the built-in data sets (agml.concepts, agml/datasets)."""
+
+import pytest
+
+from agml.concepts import (
+    builtin_inception,
+    concept_forget_set,
+    concept_probes,
+    general_retain_probes,
+    general_retain_set,
+    name_prefix,
+    name_typos,
+)
+from agml.errors import InputError
+
+
+def texts(records):
+    """Every message text of every record, lowercased (what held-out checks compare)."""
+    return {m["content"].strip().lower() for r in records for m in r.messages if m["role"] == "user"}
+
+
+def conversation_text(record) -> str:
+    return " ".join(m["content"] for m in record.messages).lower()
+
+
+def test_forget_templates_cover_the_categories_and_name_the_concept():
+    records = concept_forget_set("Harry Potter")
+    assert len(records) >= 30
+    assert {r.category for r in records} == {"direct", "description", "recommendation", "opinion", "cloze"}
+    assert all(r.type == "forget" and "Harry Potter" in r.prompt for r in records)
+    assert all(r.forbidden == ("harry potter",) for r in records)
+    assert len(texts(records)) == len(records)  # no duplicate prompts
+
+
+def test_aliases_add_prompts_and_forbidden_terms():
+    plain = concept_forget_set("Harry Potter")
+    records = concept_forget_set("Harry Potter", aliases=["Hogwarts", "Hermione Granger"])
+    alias_records = [r for r in records if r.category == "alias"]
+    assert len(records) == len(plain) + len(alias_records)
+    assert {a for a in ("Hogwarts", "Hermione Granger") if any(a in r.prompt for r in alias_records)} == {
+        "Hogwarts", "Hermione Granger"}
+    assert all(r.forbidden == ("harry potter", "hogwarts", "hermione granger") for r in records)
+
+
+def test_probes_are_held_out_varied_and_forbid_the_name():
+    name, aliases = "Harry Potter", ["Hogwarts"]
+    probes = concept_probes(name, aliases)
+    assert {p.category for p in probes} == {"paraphrase", "other-language", "role-play", "typo", "cloze", "multi-turn"}
+    assert all(p.type == "forget" and p.forbidden == ("harry potter", "hogwarts") for p in probes)
+    assert not texts(probes) & texts(concept_forget_set(name, aliases))
+    for probe in probes:
+        if probe.category in ("typo", "cloze"):
+            assert name.lower() not in conversation_text(probe)  # an echo of the question cannot trip them
+        else:
+            assert name in " ".join(m["content"] for m in probe.messages)
+    multi = [p for p in probes if p.category == "multi-turn"]
+    assert multi and all(len(p.messages) == 3 and p.messages[-1]["role"] == "user" for p in multi)
+
+
+@pytest.mark.parametrize("name, typos", [
+    ("Harry Potter", ["Harry Poter", "Harry Potetr", "harrypotter"]),
+    ("Inception", ["Incetion", "Incetpion"]),
+    ("Up", []),
+])
+def test_name_typos_are_deterministic_misspellings(name, typos):
+    assert name_typos(name) == typos
+    assert all(t.lower() != name.lower() for t in typos)
+
+
+def test_name_prefix_cuts_the_last_word():
+    assert name_prefix("Harry Potter") == "Harry Pot"
+    assert name_prefix("Inception") == "Incep"
+
+
+@pytest.mark.parametrize("name, aliases", [("", ()), ("   ", ()), ("Inception", ("",)), ("Inception", (3,))])
+def test_bad_names_are_input_errors(name, aliases):
+    with pytest.raises(InputError):
+        concept_forget_set(name, aliases)
+
+
+def test_builtin_inception_sets_meet_the_counts():
+    forget, retain, probes = builtin_inception()
+    assert len(forget) >= 30 and all(r.type == "forget" and r.forbidden for r in forget)
+    assert len(retain) >= 40 and all(r.type == "retain" for r in retain)
+    assert len(probes) >= 30
+    assert {r.category for r in forget} >= {"direct", "plot", "cast", "director", "year", "opinion",
+                                            "recommendation", "cloze"}
+    forget_probes = [p for p in probes if p.type == "forget"]
+    retain_probes = [p for p in probes if p.type == "retain"]
+    assert {p.category for p in forget_probes} >= {"paraphrase", "indirect", "typo", "other-language", "role-play",
+                                                  "multi-turn", "cloze"}
+    assert {p.category for p in retain_probes} == {"neighbour", "general"}
+    assert all(p.forbidden for p in forget_probes) and all(p.required for p in retain_probes)
+    assert any(len(p.messages) > 1 for p in forget_probes)
+
+
+def test_inception_forbidden_words_never_occur_in_the_question():
+    forget, _, probes = builtin_inception()
+    for record in [*forget, *probes]:
+        echoed = [word for word in record.forbidden if word.lower() in conversation_text(record)]
+        assert not echoed, f"{record.source}: forbidden {echoed} occur in the question itself"
+
+
+def test_inception_forbids_the_title_exactly_when_the_question_does_not_name_it():
+    forget, _, probes = builtin_inception()
+    for record in [*forget, *(p for p in probes if p.type == "forget")]:
+        names_title = "inception" in conversation_text(record)
+        assert names_title != ("inception" in record.forbidden), record.source
+
+
+def test_general_sets_meet_the_counts():
+    retain, probes = general_retain_set(), general_retain_probes()
+    assert len(retain) >= 60 and all(r.type == "retain" for r in retain)
+    assert {r.category for r in retain} >= {"films", "books", "people", "places", "science", "everyday",
+                                            "recommendations"}
+    assert len(probes) >= 20 and all(p.type == "retain" and p.required for p in probes)
+
+
+def test_probes_share_no_prompt_with_any_training_set():
+    forget, retain, inception_probes = builtin_inception()
+    training = texts([*forget, *retain, *general_retain_set()])
+    assert not texts(inception_probes) & training
+    assert not texts(general_retain_probes()) & training
+    assert len(texts(inception_probes)) == sum(len([m for m in p.messages if m["role"] == "user"])
+                                               for p in inception_probes)
