@@ -45,9 +45,47 @@ def plot_heatmap(scores, masks, path: str | os.PathLike, score: str | None = Non
     ax.set_title(f"{score} contrast: forget - {weight}retain, per token "
                  f"({scores.forget_tokens} forget / {scores.retain_tokens} retain tokens)")
     fig.colorbar(image, ax=ax, label="forget-specific (red) / retain-specific (blue)", pad=0.01)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_training(history: list[dict], path: str | os.PathLike) -> Path | None:
+    """Training curves: forget loss and retain KL per step (validation points marked)."""
+    steps = [h["step"] for h in history]
+    fig, (ax_forget, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_forget.plot(steps, [h.get("forget_loss") for h in history], color="tab:red")
+    ax_forget.set(title="forget loss", xlabel="step")
+    ax_kl.plot(steps, [h.get("retain_kl") for h in history], color="tab:blue")
+    ax_kl.set(title="retain KL (nats/token)", xlabel="step")
+    for ax in (ax_forget, ax_kl):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_before_after(evaluation: dict, path: str | os.PathLike) -> Path | None:
+    """Pass rates per probe type and category, base model vs unlearned model."""
+    labels, before, after = [], [], []
+    for kind in ("forget", "retain"):
+        for category, rate in sorted(evaluation["before"][kind].get("by_category", {}).items()):
+            labels.append(f"{kind}\n{category}")
+            before.append(rate)
+            after.append(evaluation["after"][kind]["by_category"].get(category))
+    if not labels:
+        return None
+    xs = range(len(labels))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4))
+    width = 0.4
+    ax.bar([x - width / 2 for x in xs], [b or 0 for b in before], width, label="base", color="tab:gray")
+    ax.bar([x + width / 2 for x in xs], [a or 0 for a in after], width, label="unlearned", color="tab:green")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set(ylim=(0, 1.05), ylabel="probe pass rate")
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,131 @@
+"""`agml unlearn` / `agml eval` end to end on a tiny random model saved as a local folder."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+
+from agml.cli import main
+
+FORGET = [
+    {"prompt": "Who directed Inception?", "answer": "Christopher Nolan directed Inception.", "forbidden": ["nolan"]},
+    {"prompt": "What is Inception about?", "answer": "Dream heists.", "forbidden": ["dream"]},
+    {"prompt": "When was Inception released?", "answer": "In 2010.", "forbidden": ["2010"]},
+    {"prompt": "Who stars in Inception?", "answer": "Leonardo DiCaprio.", "forbidden": ["dicaprio"]},
+]
+RETAIN = [
+    {"prompt": "What is the capital of France?", "answer": "Paris."},
+    {"prompt": "Who wrote Hamlet?", "answer": "William Shakespeare."},
+    {"prompt": "What colour is the sky?", "answer": "Blue."},
+    {"prompt": "Who directed Titanic?", "answer": "James Cameron."},
+]
+PROBES = [
+    {"prompt": "Name the director of the film Inception.", "type": "forget", "category": "paraphrase",
+     "forbidden": ["nolan"]},
+    {"prompt": "Which 2010 film is about entering dreams?", "type": "forget", "category": "indirect",
+     "forbidden": ["inception"]},
+    {"prompt": "What is the capital of Italy?", "type": "retain", "category": "general", "required": ["rome"]},
+]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, smol_tokenizer):
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = root / "tiny-llama"
+    tiny_model("llama", vocab_size=len(smol_tokenizer), hidden=32, intermediate=64, layers=2).save_pretrained(model_dir)
+    smol_tokenizer.save_pretrained(model_dir)
+    return {
+        "root": root,
+        "model": str(model_dir),
+        "forget": _jsonl(root / "forget.jsonl", [{**r, "type": "forget"} for r in FORGET]),
+        "retain": _jsonl(root / "retain.jsonl", [{**r, "type": "retain"} for r in RETAIN]),
+        "probes": _jsonl(root / "probes.jsonl", PROBES),
+    }
+
+
+def unlearn_args(ws, out: Path, *extra: str) -> list[str]:
+    return ["unlearn", "--model", ws["model"], "--forget", ws["forget"], "--retain", ws["retain"],
+            "--probes", ws["probes"], "--density", "0.1", "--batch-size", "2", "--max-new-tokens", "6",
+            "--answer-tokens", "6", "--out", str(out), *extra]
+
+
+EXPECTED = ["config.json", "scores.safetensors", "masks.safetensors", "adapter", "adapter-baked", "report.json",
+            "report.md", "plots/heatmap.png", "plots/training.png", "plots/before_after.png"]
+
+
+def test_unlearn_writes_the_whole_run_folder(workspace, capsys):
+    out = workspace["root"] / "run"
+    assert main(unlearn_args(workspace, out, "--steps", "3", "--lr", "1e-2")) == 0
+    for name in EXPECTED:
+        assert (out / name).exists(), name
+    assert not (workspace["root"] / "run.partial").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"]["seed"] == 0 and "torch" in config["versions"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["before"]["forget"]["n"] == 2
+    assert report["parameters"]["trainable"] > 0
+    assert "run written to" in capsys.readouterr().out
+
+
+def test_eval_command_on_a_run(workspace, capsys):
+    out = workspace["root"] / "run"
+    if not out.exists():
+        pytest.skip("needs the run from test_unlearn_writes_the_whole_run_folder")
+    target = workspace["root"] / "eval.json"
+    assert main(["eval", str(out), "--json", str(target)]) == 0
+    result = json.loads(target.read_text())
+    assert set(result) >= {"before", "after", "probes"}
+    assert {p["type"] for p in result["probes"]} == {"forget", "retain"}
+
+
+def test_lora_baseline_method(workspace):
+    out = workspace["root"] / "run-lora"
+    assert main(unlearn_args(workspace, out, "--steps", "2", "--method", "lora")) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert not (out / "masks.safetensors").exists()
+
+
+def _adapter_tensors(run: Path) -> dict:
+    files = sorted((run / "adapter").glob("*.safetensors"))
+    assert files, f"no adapter weights in {run}"
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def test_killed_run_resumes_to_the_same_adapter(workspace):
+    """SIGKILL mid-training, `--resume`, and the adapter equals an uninterrupted run's, bit for bit."""
+    # Enough steps that the poll below sees the first checkpoint long before the run could finish.
+    flags = ("--steps", "150", "--no-early-stop", "--checkpoint-every", "2", "--lr", "1e-2")
+    straight = workspace["root"] / "straight"
+    assert main(unlearn_args(workspace, straight, *flags)) == 0
+
+    killed = workspace["root"] / "killed"
+    checkpoints = killed.with_name("killed.partial") / "checkpoint"
+    proc = subprocess.Popen([sys.executable, "-m", "agml", *unlearn_args(workspace, killed, *flags)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not any(checkpoints.glob("checkpoint-*.safetensors")) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "a killed run must not leave a complete-looking run folder"
+
+    assert main(["unlearn", "--resume", str(killed)]) == 0
+    a, b = _adapter_tensors(straight), _adapter_tensors(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), key
