@@ -59,3 +59,26 @@ def test_relearn_attack_trains_copies_and_reports_pass_rates(smol_tokenizer):
     after = model.state_dict()
     assert set(after) == set(original)
     assert all(torch.equal(after[name], value) for name, value in original.items())
+
+
+def test_copies_of_a_masked_adapter_merge_and_unload_like_the_original():
+    from tiny_models import tiny_model
+
+    from agml.layers import apply_masked_lora
+    from agml.masks import NeuronMasks
+    from agml.relearn import base_copy, merged_copy
+
+    model = apply_masked_lora(tiny_model("llama"), NeuronMasks({0: torch.tensor([1, 5, 9]), 1: torch.tensor([2])}), r=4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+        with model.disable_adapter():
+            before = model(input_ids=ids).logits
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(merged_copy(model)(input_ids=ids).logits, after, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(base_copy(model)(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(input_ids=ids).logits, after)
