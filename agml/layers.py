@@ -275,6 +275,13 @@ def _masked_targets(
     return found
 
 
+def _refuse_plain_lora(modules: Mapping[str, nn.Module]) -> None:
+    """PEFT would extend a plain LoRA layer with a full-size adapter, silently ignoring the mask."""
+    for name, module in modules.items():
+        if isinstance(module, LoraLayer) and not isinstance(module, MaskedLoraLinear):
+            raise AgmlError(f"{name} already holds a plain PEFT LoRA adapter; a masked adapter cannot share it")
+
+
 def _lora_config(r: int, alpha: float, dropout: float, target_modules: list[str], model: nn.Module) -> LoraConfig:
     return LoraConfig(
         r=r,
@@ -316,17 +323,15 @@ def apply_masked_lora(
     call `set_adapter(adapter_name)` to use it. The base weights are never modified.
     """
     _check_hyperparameters(r, alpha, targets, dropout)
-    if not isinstance(masks, NeuronMasks):
-        raise InputError(f"masks must be a NeuronMasks, got {type(masks).__name__}")
+    if not isinstance(masks, Mapping):
+        raise InputError(f"masks must be a NeuronMasks (layer -> neuron ids), got {type(masks).__name__}")
+    masks = masks if isinstance(masks, NeuronMasks) else NeuronMasks(masks)
     num_layers, intermediate = _model_dims(model)
     masks.validate_for(num_layers, intermediate)
     if not len(masks):
         raise InputError("the mask selects no neuron in any layer: there is nothing to adapt")
     found = _masked_targets(model, masks, targets)
-    plain = [name for name, (module, _) in found.items() if isinstance(module, LoraLayer)]
-    plain = [name for name in plain if not isinstance(found[name][0], MaskedLoraLinear)]
-    if plain:
-        raise AgmlError(f"{plain[0]} already holds a plain PEFT LoRA adapter; masked adapters cannot be added to it")
+    _refuse_plain_lora({name: module for name, (module, _) in found.items()})
     config = _masked_config(_lora_config(r, alpha, dropout, sorted(found), model))
     with _pending_indices({_unwrap(module): pair for module, pair in found.values()}, adapter_name):
         return _add_peft_adapter(model, config, adapter_name)
@@ -462,10 +467,8 @@ def export_baked(
             if key not in tensors:
                 raise AgmlError(f"PEFT state dict lacks {key}; this PEFT version names adapter weights differently")
             tensors[key] = dense
-    config = copy.copy(peft_model.peft_config[adapter_name])
-    config._custom_modules = None
     with _atomic_folder(path, overwrite) as staging:
-        _write_adapter_folder(staging, config, tensors)
+        _write_adapter_folder(staging, peft_model.peft_config[adapter_name], tensors)
     return Path(path)
 
 
@@ -489,6 +492,7 @@ def _saved_indices(model: nn.Module, tensors: Mapping[str, torch.Tensor], folder
         module_name = module_key.removeprefix(PEFT_PREFIX)
         if module_name not in modules:
             raise InputError(f"{folder}: the adapter targets {module_name}, which {type(model).__name__} lacks")
+        _refuse_plain_lora({module_name: modules[module_name]})
         linear = _unwrap(modules[module_name])
         size = linear.out_features if store == OUT_INDEX else linear.in_features
         pair = pairs.setdefault(linear, [None, None])

@@ -23,7 +23,7 @@ from agml.layers import (
 from agml.masks import NeuronMasks
 
 HIDDEN, INTERMEDIATE, RANK = 32, 64, 4
-MASKS = NeuronMasks({1: torch.tensor([3, 10, 40, 63])})
+MASKS = NeuronMasks({0: [], 1: torch.tensor([3, 10, 40, 63])})  # an empty layer gets no adapter
 OTHER_MASKS = NeuronMasks({0: torch.tensor([0, 5]), 1: torch.tensor([7, 8, 9])})
 
 
@@ -237,6 +237,12 @@ def test_model_without_gate_up_down_is_rejected():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
     with pytest.raises(AgmlError, match="GPT2LMHeadModel"):
         apply_masked_lora(model, MASKS)
+
+
+def test_masked_adapter_refuses_layers_with_plain_lora():
+    model = apply_lora(tiny_model("llama"), r=RANK)
+    with pytest.raises(AgmlError, match="plain PEFT LoRA"):
+        apply_masked_lora(model, MASKS, adapter_name="masked")
 
 
 def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
