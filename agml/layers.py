@@ -133,17 +133,15 @@ class MaskedLoraLinear(LoraLinear):
             lora_a, lora_b = lora_a.float(), lora_b.float()
         return ((lora_b @ lora_a) * self.scaling[adapter]).to(dtype)
 
-    def _lora_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's contribution alone, with dropout: for extra active adapters and mixed batches."""
+    def _add_lora(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """`result` plus the adapter's term on input `x`, with dropout: the path besides the fused op."""
         out_index, in_index = self.neuron_index(adapter_name)
         lora_a = self.lora_A[adapter_name].weight.to(x.dtype)
         lora_b = self.lora_B[adapter_name].weight.to(x.dtype)
         selected = x if in_index is None else x.index_select(-1, in_index)
         low = nn.functional.linear(nn.functional.linear(self.lora_dropout[adapter_name](selected), lora_a), lora_b)
-        low = low * self.scaling[adapter_name]
-        if out_index is None:
-            return low
-        return low.new_zeros(*low.shape[:-1], self.out_features).index_add(-1, out_index, low)
+        low = (low * self.scaling[adapter_name]).to(result.dtype)
+        return result + low if out_index is None else result.index_add(-1, out_index, low)
 
     def _fused_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -180,11 +178,11 @@ class MaskedLoraLinear(LoraLinear):
         first, *others = active
         if self._dropout_active(first):
             # The fused op feeds one input to the base and the LoRA path; dropout must reach the LoRA path only.
-            result = self.base_layer(x, *args, **kwargs) + self._lora_delta(first, x)
+            result = self._add_lora(self.base_layer(x, *args, **kwargs), first, x)
         else:
             result = self._fused_forward(first, x)
         for name in others:
-            result = result + self._lora_delta(name, x)
+            result = self._add_lora(result, name, x)
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: Sequence[str], **kwargs) -> torch.Tensor:
@@ -194,7 +192,7 @@ class MaskedLoraLinear(LoraLinear):
                 continue
             rows = [i for i, row_adapter in enumerate(adapter_names) if row_adapter == name]
             sub_batch = x[rows].to(self.get_base_layer().weight.dtype)
-            result[rows] += self._lora_delta(name, sub_batch).to(result.dtype)
+            result[rows] = self._add_lora(result[rows], name, sub_batch)
         return result
 
     def __repr__(self) -> str:

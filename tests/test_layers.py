@@ -278,3 +278,18 @@ def test_two_active_adapters_add_up_like_their_merged_weights(arch, input_ids):
     assert not torch.allclose(both, logits(masked(arch), input_ids))
     model.merge_adapter()
     torch.testing.assert_close(logits(model, input_ids), both, atol=1e-5, rtol=0)
+
+
+def test_dropout_reaches_only_the_lora_path(arch):
+    model = apply_masked_lora(tiny_model(arch), MASKS, r=RANK, alpha=8, dropout=0.5)
+    randomize_lora(model)
+    gate = model.get_base_model().model.layers[1].mlp.gate_proj
+    gate.train()
+    x = torch.randn(3, HIDDEN)
+    torch.manual_seed(7)
+    out = gate(x)
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, p=0.5, training=True)
+    low = dropped @ gate.lora_A["default"].weight.t() @ gate.lora_B["default"].weight.t() * gate.scaling["default"]
+    expected = gate.base_layer(x).index_add(-1, MASKS[1], low)
+    torch.testing.assert_close(out, expected)
