@@ -123,3 +123,11 @@ def test_probes_share_no_prompt_with_any_training_set():
     assert not texts(general_retain_probes()) & training
     assert len(texts(inception_probes)) == sum(len([m for m in p.messages if m["role"] == "user"])
                                                for p in inception_probes)
+
+
+def test_required_words_never_occur_in_the_question():
+    """A retain probe must not pass merely because the answer repeats the question."""
+    _, _, probes = builtin_inception()
+    for record in [*(p for p in probes if p.type == "retain"), *general_retain_probes()]:
+        echoed = [word for word in record.required if word.lower() in conversation_text(record)]
+        assert not echoed, f"{record.source}: required {echoed} occur in the question itself"
