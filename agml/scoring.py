@@ -78,25 +78,23 @@ class NeuronScores:
         return int(self.forget_fisher.shape[1])
 
     def importance(self, split: str, score: str = "fisher") -> torch.Tensor:
-        """Per-token importance `(num_layers, intermediate)` of one split.
+        """Per-token importance `(num_layers, intermediate)` of one split, in units of that split's mean neuron.
 
-        "combined" averages Fisher and saliency after dividing each by its mean over both splits, so the two
-        statistics (different units) weigh equally and forget and retain stay on one scale.
+        Dividing by the split's mean over all neurons removes the split's overall gradient scale (how surprising
+        its answers are, how long they are), which says nothing about *which* neurons carry it, while keeping
+        every difference between neurons and between layers. "combined" averages the so normalised Fisher and
+        saliency, two statistics in different units weighed equally.
         """
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         if score not in SCORE_KINDS:
             raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-        if score != "combined":
-            return getattr(self, f"{split}_{score}")
-        parts = []
-        for stat in STATISTICS:
-            scale = torch.cat([getattr(self, f"{s}_{stat}") for s in SPLITS]).mean().clamp_min(1e-30)
-            parts.append(getattr(self, f"{split}_{stat}") / scale)
-        return 0.5 * (parts[0] + parts[1])
+        stats = STATISTICS if score == "combined" else (score,)
+        parts = [getattr(self, f"{split}_{stat}") for stat in stats]
+        return sum(part / part.mean().clamp_min(1e-30) for part in parts) / len(parts)
 
     def contrast(self, score: str = "fisher", retain_weight: float = 1.0) -> torch.Tensor:
-        """Concept specificity `forget - retain_weight * retain` of the per-token importances (see build_masks)."""
+        """Concept specificity `forget - retain_weight * retain` of the normalised importances (see build_masks)."""
         return self.importance("forget", score) - retain_weight * self.importance("retain", score)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -330,6 +328,8 @@ def answer_records(
     from agml.generation import greedy_answers
 
     todo = [i for i, record in enumerate(records) if record.answer is None]
+    if not todo:
+        return list(records)
     answers = greedy_answers(model, tokenizer, [records[i].messages for i in todo], max_new_tokens, batch_size, desc)
     filled = list(records)
     for i, answer in zip(todo, answers, strict=True):
