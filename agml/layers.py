@@ -424,7 +424,8 @@ def _check_adapter(peft_model: PeftModel, adapter_name: str) -> None:
 def _agml_summary(peft_model: PeftModel, adapter_name: str) -> dict:
     config = peft_model.peft_config[adapter_name]
     masks = adapter_masks(peft_model, adapter_name)
-    projections = sorted({name.rsplit(".", 1)[-1] for name in config.target_modules})
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+    projections = sorted({name.rsplit(".", 1)[-1] for name in targets})
     return {
         "format": "agml-adapter",
         "version": 1,
