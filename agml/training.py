@@ -146,7 +146,8 @@ def split_validation(records: Sequence[PromptRecord], fraction: float, seed: int
     count = min(round(fraction * len(records)), len(records) - 1)
     if count <= 0:
         return list(records), []
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(derived_seed(seed, stream, 0)))
+    generator = torch.Generator().manual_seed(derived_seed(seed, _SPLIT_STREAM, stream))
+    order = torch.randperm(len(records), generator=generator)
     held = set(order[:count].tolist())
     train = [r for i, r in enumerate(records) if i not in held]
     return train, [r for i, r in enumerate(records) if i in held]
