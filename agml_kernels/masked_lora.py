@@ -124,11 +124,10 @@ class _MaskedLoraReference(torch.autograd.Function):
         if not _lora_is_empty(lora_a, lora_b):
             x_sel = x2 if in_index is None else x2.index_select(1, in_index)
             u = x_sel @ lora_a.t()  # (tokens, r): the only LoRA activation kept
-            scaled_u = u * scaling
             if out_index is None:
-                y.addmm_(scaled_u, lora_b.t())
+                y.addmm_(u, lora_b.t(), alpha=scaling)
             else:
-                y.index_add_(1, out_index, scaled_u @ lora_b.t())
+                y.index_add_(1, out_index, u @ lora_b.t(), alpha=scaling)
         # x itself is only needed for dW; x_sel (tokens, k_in) is all dA needs.
         x_for_dw = x2 if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(x_for_dw, x_sel, u, weight, lora_a, lora_b, out_index, in_index)
