@@ -65,9 +65,12 @@ def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        target = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise AgmlError(f"unknown device {device!r}: {err}") from err
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise AgmlError(f"device {device!r} was asked for but CUDA is not available here")
+    return target
 
 
 # --- GGUF conversion ------------------------------------------------------------------------------

@@ -44,6 +44,8 @@ def test_default_type_applies_only_when_missing(tmp_path):
 def test_save_and_load_round_trip(tmp_path):
     records = [
         PromptRecord(({"role": "user", "content": "Q1"},), "forget", "cloze", forbidden=("x",), answer="A1"),
+        # JSON Lines ends records at \n only: separators that str.splitlines() also honours stay inside a record.
+        PromptRecord(({"role": "user", "content": "line\u2028separator\x85next\x1cfile"},), "retain"),
         PromptRecord(({"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A"},
                       {"role": "user", "content": "Q3"}), "retain", "general", required=("y", "z")),
     ]
@@ -62,6 +64,7 @@ def test_save_and_load_round_trip(tmp_path):
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "type": "retain"}',
      "last message must be from the user"),
     ('{"messages": [{"role": "robot", "content": "a"}], "type": "retain"}', "role 'robot'"),
+    ('{"messages": [{"role": ["user"], "content": "a"}], "type": "retain"}', "role"),
     ('{"prompt": "a", "type": "forget", "forbidden": [1]}', "'forbidden' must be a list"),
     ('[1, 2]', "expected a JSON object"),
 ])
@@ -91,7 +94,7 @@ record_like = st.fixed_dictionaries(
     {"type": st.sampled_from(["forget", "retain", "other"])},
     optional={
         "prompt": st.text(max_size=8) | json_values,
-        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot"]),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot"]) | json_values,
                                                     "content": st.text(max_size=5) | json_values}), max_size=3),
         "forbidden": st.lists(st.text(max_size=4), max_size=2) | json_values,
         "required": st.lists(st.text(max_size=4), max_size=2),

@@ -126,6 +126,13 @@ def test_dtype_names(dtype, expected):
     assert models.resolve_dtype(dtype) == expected
 
 
+def test_device_names():
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(AgmlError, match="unknown device 'abacus'"):
+        models.resolve_device("abacus")
+
+
 def test_bad_dtype_and_file_are_errors(tmp_path):
     with pytest.raises(AgmlError, match="unknown dtype 'int7'"):
         models.resolve_dtype("int7")
