@@ -22,11 +22,18 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     )
 
 
+def base_linear(module):
+    """The nn.Linear inside a PEFT-wrapped projection (or the module itself)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
 def mlp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """One MLP per decoder layer, each checked to have gate_proj, up_proj and down_proj."""
     mlps = [layer.mlp for layer in decoder_layers(model)]
     for index, mlp in enumerate(mlps):
-        missing = [name for name in MLP_PROJECTIONS if not isinstance(getattr(mlp, name, None), torch.nn.Linear)]
+        missing = [name for name in MLP_PROJECTIONS
+                   if not isinstance(base_linear(getattr(mlp, name, None)), torch.nn.Linear)]
         if missing:
             children = ", ".join(name for name, _ in mlp.named_children()) or "none"
             raise AgmlError(
@@ -39,4 +46,4 @@ def mlp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 def mlp_dims(model: torch.nn.Module) -> tuple[int, int]:
     """(number of decoder layers, MLP intermediate size)."""
     mlps = mlp_modules(model)
-    return len(mlps), mlps[0].down_proj.in_features
+    return len(mlps), base_linear(mlps[0].down_proj).in_features
