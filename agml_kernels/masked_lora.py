@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
@@ -355,18 +356,29 @@ _GATHER_BLOCKS_CUDA = {"BLOCK_T": 64, "BLOCK_K": 64}
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_T": 32, "GROUP_M": 4}
 
 
-@functools.lru_cache(maxsize=2)
-def _kernels(interpreted: bool):
-    """JIT-wrap the kernels for the current mode; linear kernel autotuned on GPUs, one small config interpreted."""
+def _autotune_enabled() -> bool:
+    """AGML_TRITON_AUTOTUNE=0 pins one GEMM config (GPU test runs: every new shape would otherwise retune)."""
+    return os.environ.get("AGML_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=4)
+def _kernels_for(interpreted: bool, autotune: bool):
     _ensure_triton()
     if interpreted:
         b = _INTERPRETER_BLOCKS
         configs = [triton.Config({k: b[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})]
     else:
         configs = _hopper_linear_configs()
+        if not autotune:  # small tiles: fit shared memory even with float32 operands
+            configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3)]
     linear = triton.autotune(configs=configs, key=["M", "N", "K", "R", "HAS_LORA"])(triton.jit(_linear_lowrank_kernel))
     gather = triton.jit(_gather_rank_kernel)
     return linear, gather
+
+
+def _kernels(interpreted: bool):
+    """JIT-wrapped kernels for the current mode: GEMM autotuned on GPUs, one small config in the interpreter."""
+    return _kernels_for(interpreted, _autotune_enabled())
 
 
 def _rank_block(rank: int) -> int:

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-./gpu-out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # run from the checkout without installing agml
 DRY=()
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=(--dry-run); fi
@@ -20,8 +20,8 @@ cat "$OUT/env.txt"
 
 tests_rc=0
 if [[ ${#DRY[@]} -eq 0 ]]; then
-    # Compiled Triton on CUDA tensors: the interpreter must be off.
-    (unset TRITON_INTERPRET; AGML_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider tests/kernels \
+    # Compiled Triton on CUDA tensors: the interpreter must be off; one GEMM config (no retuning per test shape).
+    (unset TRITON_INTERPRET; AGML_KERNELS=triton AGML_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests/kernels \
         --junitxml="$OUT/kernel-tests.xml") 2>&1 | tee "$OUT/kernel-tests.txt" || tests_rc=$?
 else
     TRITON_INTERPRET=1 AGML_KERNELS=triton "$PY" -m pytest -q -p no:cacheprovider tests/kernels \
