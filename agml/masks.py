@@ -122,16 +122,17 @@ def build_masks(
     """Select the concept's neurons from `agml.scoring.NeuronScores`.
 
     Contrast (per neuron, on the per-token importance of kind `score`: "fisher", "saliency" or "combined",
-    each split divided by its own mean over all neurons, see `NeuronScores.importance`)::
+    normalised by `NeuronScores.importance`: each split by its own mean, then each layer by its mean neuron)::
 
-        c = forget / mean(forget) - retain_weight * retain / mean(retain)
+        c = forget_importance - retain_weight * retain_importance
 
-    i.e. how much more of the forget set's sensitivity than of the retain set's the neuron carries. A neuron
-    that matters equally for both (shared machinery: syntax, end of turn, general film knowledge) gets c ~ 0
-    and one that matters more for retain gets c < 0; only c > 0 is ever selected, so the budget is a maximum.
-    The mean normalisation keeps a set whose answers are merely more surprising (larger gradients everywhere)
-    from making every neuron look specific to it. Unlike a ratio forget/retain, the difference does not blow
-    up for neurons whose importances are both tiny (noise).
+    i.e. how much more of the forget set's sensitivity than of the retain set's the neuron carries, in units of
+    its layer's average neuron. A neuron that matters equally for both (shared machinery: syntax, end of turn,
+    general film knowledge) gets c ~ 0 and one that matters more for retain gets c < 0; only c > 0 is ever
+    selected, so the budget is a maximum. The normalisation keeps a set whose answers are merely more
+    surprising (larger gradients everywhere) from making every neuron look specific to it, and a layer whose
+    activations are merely scaled small (large Fisher) from taking the whole budget. Unlike a ratio
+    forget/retain, the difference does not blow up for neurons whose importances are both tiny (noise).
 
     Outliers: neurons whose retain importance lies above the `outlier_quantile` of all retain importances (the
     massive-activation / "matters for every input" neurons) are never selected, even when their large forget

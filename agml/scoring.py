@@ -78,20 +78,28 @@ class NeuronScores:
         return int(self.forget_fisher.shape[1])
 
     def importance(self, split: str, score: str = "fisher") -> torch.Tensor:
-        """Per-token importance `(num_layers, intermediate)` of one split, in units of that split's mean neuron.
+        """Normalised per-token importance `(num_layers, intermediate)` of one split.
 
-        Dividing by the split's mean over all neurons removes the split's overall gradient scale (how surprising
-        its answers are, how long they are), which says nothing about *which* neurons carry it, while keeping
-        every difference between neurons and between layers. "combined" averages the so normalised Fisher and
-        saliency, two statistics in different units weighed equally.
+        Two scales that say nothing about *which* neurons carry the concept are divided out, in this order:
+        1. the split's overall scale (its mean over all neurons): how surprising or long its answers are;
+        2. each layer's scale (the layer's mean neuron over both splits, after step 1): Fisher = sum g^2 depends
+           on how each layer's activations happen to be scaled (early layers of SmolLM2 hold ~100x the Fisher of
+           late ones), so raw values would rank neurons by layer, not by concept.
+        What stays: differences between neurons of a layer, and whether a layer as a whole matters more for the
+        forget set than for the retain set. "combined" averages normalised Fisher and saliency.
         """
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, got {split!r}")
         if score not in SCORE_KINDS:
             raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
         stats = STATISTICS if score == "combined" else (score,)
-        parts = [getattr(self, f"{split}_{stat}") for stat in stats]
-        return sum(part / part.mean().clamp_min(1e-30) for part in parts) / len(parts)
+        parts = []
+        for stat in stats:
+            by_split = {s: getattr(self, f"{s}_{stat}") for s in SPLITS}
+            by_split = {s: x / x.mean().clamp_min(1e-30) for s, x in by_split.items()}
+            layer_scale = (0.5 * (by_split["forget"] + by_split["retain"])).mean(1, keepdim=True).clamp_min(1e-30)
+            parts.append(by_split[split] / layer_scale)
+        return sum(parts) / len(parts)
 
     def contrast(self, score: str = "fisher", retain_weight: float = 1.0) -> torch.Tensor:
         """Concept specificity `forget - retain_weight * retain` of the normalised importances (see build_masks)."""

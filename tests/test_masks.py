@@ -40,10 +40,12 @@ def test_density_is_a_fraction_of_all_mlp_neurons_and_at_least_one():
 
 
 def test_global_selection_takes_the_largest_contrast_anywhere():
-    forget = torch.zeros(3, 6)
-    forget[2, 4], forget[0, 1], forget[2, 0], forget[1, 5] = 9.0, 8.0, 7.0, 1.0
-    masks = build_masks(scores_from(forget), density=3 / 18, outlier_quantile=None)
-    assert masks.to_lists() == {0: [1], 2: [0, 4]}
+    forget = torch.ones(3, 6)
+    bumps = {(0, 1): 9.0, (0, 2): 8.0, (1, 5): 7.0, (1, 0): 6.0, (1, 3): 4.0, (2, 4): 17.0}  # 17 per layer
+    for (layer, neuron), bump in bumps.items():
+        forget[layer, neuron] += bump
+    masks = build_masks(scores_from(forget, torch.ones(3, 6)), density=3 / 18, outlier_quantile=None)
+    assert masks.to_lists() == {0: [1, 2], 2: [4]}
     assert masks.meta == {"model": "synthetic", "num_layers": 3, "intermediate_size": 6, "density": 3 / 18,
                           "strategy": "global", "score": "fisher", "retain_weight": 1.0, "outlier_quantile": None,
                           "budget": 3, "selected": 3}
@@ -88,13 +90,16 @@ def test_ties_break_by_layer_then_neuron():
 
 
 def test_per_layer_strategy_splits_the_budget_evenly():
-    forget = torch.zeros(3, 10)
-    forget[0] = torch.arange(10, 0, -1) * 100.0  # layer 0 dominates globally
-    forget[1] = torch.arange(10, 0, -1) * 1.0
-    forget[2] = torch.arange(10, 0, -1) * 0.01
-    masks = build_masks(scores_from(forget), density=7 / 30, strategy="per-layer", outlier_quantile=None)
-    assert masks.to_lists() == {0: [0, 1, 2], 1: [0, 1], 2: [0, 1]}  # 7 = 3 + 2 + 2, earlier layers get the rest
-    assert build_masks(scores_from(forget), density=7 / 30, outlier_quantile=None).to_lists() == {0: list(range(7))}
+    forget = torch.ones(3, 10)
+    forget[0, :7] = 10.0  # layer 0: seven forget-specific neurons; layers 1 and 2: one each
+    forget[1:, 0] = 10.0
+    scores = scores_from(forget, torch.ones(3, 10))
+    per_layer = build_masks(scores, density=7 / 30, strategy="per-layer", outlier_quantile=None)
+    # Quotas 3 + 2 + 2 (earlier layers get the remainder); layers 1 and 2 have one positive contrast only.
+    assert per_layer.to_lists() == {0: [0, 1, 2], 1: [0], 2: [0]}
+    assert per_layer.meta["selected"] == 5
+    assert build_masks(scores, density=7 / 30, outlier_quantile=None).to_lists() == {0: [0, 1, 2, 3, 4], 1: [0],
+                                                                                       2: [0]}
 
 
 def test_max_per_layer_caps_every_layer():
