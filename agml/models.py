@@ -12,6 +12,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -97,10 +98,14 @@ def convert_gguf(gguf: Path, folder: Path) -> Path:
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     source_dir, name = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(
-        source_dir, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source_dir, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=name)
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
+        raise AgmlError(f"cannot convert {gguf}: not a GGUF checkpoint transformers can read "
+                        f"({type(err).__name__}: {err})") from err
     # The weights are dense now; the GGUF quantizer would refuse to save and would be re-applied on load.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -140,3 +140,11 @@ def test_bad_dtype_and_file_are_errors(tmp_path):
     weights.write_bytes(b"x")
     with pytest.raises(AgmlError, match="not a .gguf"):
         models.load_model(str(weights))
+
+
+def test_unreadable_gguf_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGML_CACHE", str(tmp_path / "cache"))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF but not really")
+    with pytest.raises(AgmlError, match=f"cannot convert {broken}"):
+        models.load_model(str(broken))
