@@ -42,8 +42,8 @@ def plot_heatmap(scores, masks, path: str | os.PathLike, score: str | None = Non
     ax.set_ylabel("decoder layer")
     ax.set_yticks(range(0, num_layers, max(1, num_layers // 15)))
     weight = "" if retain_weight == 1 else f"{retain_weight:g} x "
-    ax.set_title(f"{score} contrast: forget - {weight}retain, per token "
-                 f"({scores.forget_tokens} forget / {scores.retain_tokens} retain tokens)")
+    ax.set_title(f"{score} contrast: forget - {weight}retain importance (per token, normalised per set and layer; "
+                 f"{scores.forget_tokens} forget / {scores.retain_tokens} retain tokens)", fontsize=10)
     fig.colorbar(image, ax=ax, label="forget-specific (red) / retain-specific (blue)", pad=0.01)
     return _save(fig, path)
 
@@ -58,7 +58,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_training(history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Training curves: forget loss and retain KL per step (validation points marked)."""
+    """Training curves: forget loss and retain KL per step."""
     steps = [h["step"] for h in history]
     fig, (ax_forget, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_forget.plot(steps, [h.get("forget_loss") for h in history], color="tab:red")
