@@ -132,21 +132,35 @@ def _base(model) -> contextlib.AbstractContextManager:
 
 
 def _labelled_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-softmax (N, V) float32, target ids (N,), example row (N,)) at every labelled position of the batch."""
+    """(log-softmax (N, V) float32, target ids (N,), example row (N,)) at every labelled position of the batch.
+
+    The batch is left-padded, so the labelled tokens (answers) end every row and only the last positions need
+    logits: the LM head over a large vocabulary would otherwise cost more than the rest of the model.
+    """
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    targets = batch["labels"][:, 1:].to(device)
-    keep = targets != IGNORE_INDEX
-    rows = torch.arange(targets.shape[0], device=device)[:, None].expand_as(targets)[keep]
-    return torch.log_softmax(logits[:, :-1][keep].float(), dim=-1), targets[keep], rows
+    labels = batch["labels"].to(device)
+    mask = batch["attention_mask"].to(device)
+    width = labels.shape[1]
+    first = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
+    keep = min(width - first + 1, width)
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # positions count real tokens only, as in generation
+        logits_to_keep=keep,
+    ).logits
+    targets = labels[:, width - keep + 1:]
+    labelled = targets != IGNORE_INDEX
+    rows = torch.arange(targets.shape[0], device=device)[:, None].expand_as(targets)[labelled]
+    return torch.log_softmax(logits[:, :-1][labelled].float(), dim=-1), targets[labelled], rows
 
 
 def _batched(examples: Sequence[Example], batch_size: int, tokenizer, desc: str, progress: bool) -> Iterator[tuple]:
-    """(start index, right-padded batch) over the examples."""
+    """(start index, left-padded batch) over the examples."""
     pad = pad_token_id(tokenizer)
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress or not examples, leave=False):
-        yield start, collate(examples[start:start + batch_size], pad)
+        yield start, collate(examples[start:start + batch_size], pad, padding_side="left")
 
 
 @torch.no_grad()

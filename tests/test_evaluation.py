@@ -314,3 +314,22 @@ def test_eval_concept_terms_prefer_the_reports_resolved_concept(tmp_path):
     assert _eval_concept_terms(config, tmp_path) == ("Dom Cobb",)
     (tmp_path / "report.json").write_text(json.dumps({"concept": "Inception"}))
     assert _eval_concept_terms(config, tmp_path) == ("Inception", "Dom Cobb")
+
+
+def test_teacher_forced_logprobs_do_not_depend_on_batching(smol_tokenizer, random_adapter):
+    from agml.data import build_example
+    from agml.evaluation import sequence_logprobs
+
+    answers = ["Yes.", "Christopher Nolan directed it in 2010, I think.", "Paris is in France, of course."]
+    examples = [build_example(smol_tokenizer, p.messages, a) for p, a in zip(PROBES, answers, strict=False)]
+    alone = [sequence_logprobs(random_adapter, smol_tokenizer, [e]) for e in examples]
+    together, counts = sequence_logprobs(random_adapter, smol_tokenizer, examples, batch_size=3)
+    assert counts == [sum(label != IGNORE_INDEX for label in e.labels) for e in examples]
+    assert together == pytest.approx([total[0] for total, _ in alone], abs=1e-3)
+    # Against a plain full-logits computation of the first example.
+    ids = torch.tensor([examples[1].input_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(random_adapter(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    labels = torch.tensor(examples[1].labels[1:])
+    picked = logprobs[labels != IGNORE_INDEX].gather(1, labels[labels != IGNORE_INDEX][:, None])
+    assert together[1] == pytest.approx(float(picked.sum()), abs=1e-3)
