@@ -85,8 +85,10 @@ def _messages(obj: dict, where: str) -> tuple[dict[str, str], ...]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
             raise InputError(f"{where}: messages[{i}] must be an object with exactly 'role' and 'content'")
-        if m["role"] not in _ROLES or not isinstance(m["content"], str):
+        if not isinstance(m["role"], str) or m["role"] not in _ROLES:
             raise InputError(f"{where}: messages[{i}] has role {m['role']!r}; expected one of {sorted(_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise InputError(f"{where}: messages[{i}]['content'] must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "user":
         raise InputError(f"{where}: the last message must be from the user (the model answers it)")
@@ -132,7 +134,8 @@ def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> li
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read prompt file {path}: {err}") from err
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines separates records by "\n" only; str.splitlines() would also split at U+2028, U+0085, ...
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
