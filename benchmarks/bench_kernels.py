@@ -190,8 +190,9 @@ def _params(cases: list[LinearCase], gpu: bool) -> list:
 LINEAR_PARAMS = _params(_cpu_cases(), gpu=False) + _params(_gpu_cases(), gpu=True)
 
 
+# On CPU only the `masked` rows are timed on their own: their extra_info already holds every baseline's median.
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS if DEVICE == "cuda" else IMPLS[:1])
 @pytest.mark.parametrize("case", LINEAR_PARAMS)
 def test_masked_lora_linear(benchmark, case: LinearCase, impl: str, mode: str) -> None:
     ops = build_linear(case)
