@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET when it is first imported (transformers imports it via torch._dynamo); the kernel
+    # tests run the Triton path in its CPU interpreter. No effect elsewhere: that path needs AGML_KERNELS=triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from tiny_models import ARCHS, tiny_model
 
 
