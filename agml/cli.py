@@ -250,23 +250,9 @@ def _eval_inputs(args):
     return config, probes, forget
 
 
-def _eval_concept_terms(config: dict, run) -> tuple[str, ...]:
-    """The concept's name and aliases: the report's resolved concept (or --concept) first, for the cloze metric."""
-    import json
-    from pathlib import Path
-
-    options = config.get("options", {})
-    report = Path(run) / "report.json"
-    concept = options.get("concept")
-    if report.is_file():
-        try:
-            concept = json.loads(report.read_text(encoding="utf-8")).get("concept") or concept
-        except (json.JSONDecodeError, AttributeError):
-            pass  # an unreadable report only costs the cloze metric its preferred term
-    aliases = options.get("aliases") or ()
-    if isinstance(aliases, str):
-        aliases = aliases.split(",")
-    return tuple(t.strip() for t in (concept, *aliases) if isinstance(t, str) and t.strip())
+def _eval_concept_terms(config: dict) -> tuple[str, ...]:
+    """The concept's name and aliases as the run resolved them (for the cloze metric)."""
+    return tuple(config.get("concept", {}).get("terms", ()))
 
 
 def _cmd_eval(args) -> int:
@@ -276,7 +262,7 @@ def _cmd_eval(args) -> int:
     config, probes, forget = _eval_inputs(args)
     loaded = runs.load_run(args.run)
     result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, concept_terms=_eval_concept_terms(config, args.run))
+                      batch_size=args.batch_size, concept_terms=_eval_concept_terms(config))
     if args.relearn is not None:
         from agml.relearn import relearn_attack
 

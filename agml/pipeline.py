@@ -206,7 +206,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     torch.manual_seed(options.seed)
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     work = runs.start_run(options.out, resume=resume)
-    runs.write_config(work, dataclasses.asdict(options))
+    runs.write_config(work, dataclasses.asdict(options), {"name": data.concept, "terms": list(data.terms)})
 
     forget = runs.load_records(work, "forget") if resume else None
     retain = runs.load_records(work, "retain") if resume else None

@@ -83,8 +83,9 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_config(run: Path, options: dict) -> dict:
-    config = {"options": options, "versions": package_versions(), "argv": sys.argv}
+def write_config(run: Path, options: dict, concept: dict | None = None) -> dict:
+    """config.json: every option, the resolved concept (name and terms), package versions, the command line."""
+    config = {"options": options, "concept": concept or {}, "versions": package_versions(), "argv": sys.argv}
     write_json(run / CONFIG_FILE, config)
     return config
 

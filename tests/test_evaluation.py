@@ -307,13 +307,12 @@ def test_eval_cli_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "is not an agml run" in capsys.readouterr().err
 
 
-def test_eval_concept_terms_prefer_the_reports_resolved_concept(tmp_path):
+def test_eval_concept_terms_come_from_the_runs_resolved_concept():
     from agml.cli import _eval_concept_terms
 
-    config = {"options": {"concept": None, "aliases": ["Dom Cobb", " "]}}
-    assert _eval_concept_terms(config, tmp_path) == ("Dom Cobb",)
-    (tmp_path / "report.json").write_text(json.dumps({"concept": "Inception"}))
-    assert _eval_concept_terms(config, tmp_path) == ("Inception", "Dom Cobb")
+    assert _eval_concept_terms({"concept": {"name": "Inception", "terms": ["Inception", "Dom Cobb"]}}) == (
+        "Inception", "Dom Cobb")
+    assert _eval_concept_terms({"options": {}}) == ()
 
 
 def test_teacher_forced_logprobs_do_not_depend_on_batching(smol_tokenizer, random_adapter):

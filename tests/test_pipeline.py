@@ -74,6 +74,7 @@ def test_unlearn_writes_the_whole_run_folder(workspace, capsys):
     assert not (workspace["root"] / "run.partial").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["seed"] == 0 and "torch" in config["versions"]
+    assert config["concept"]["terms"] == ["forget"]  # no --concept: named after the forget file
     report = json.loads((out / "report.json").read_text())
     assert report["evaluation"]["before"]["forget"]["n"] == 2
     assert report["parameters"]["trainable"] > 0
