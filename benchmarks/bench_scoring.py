@@ -2,16 +2,19 @@
 
 Run: .venv/bin/pytest -q benchmarks/bench_scoring.py --benchmark-enable -s
 Batches: 8 built-in Inception forget prompts through the chat template with a fixed ~30-token answer
-(about 64 tokens each, one batch), scored as both the forget and the retain set: two forward+backward passes.
+(about 64 tokens each); the first 4 are scored as the forget set, the other 4 as the retain set: two
+forward+backward passes of a batch of 4.
 
 Modes, all with the same loss (`agml.scoring.answer_nll`, summed answer-token NLL) over the same batches:
   scoring        `score_neurons`: hooks on every down_proj + streaming neuron_stats, no parameter gradients
   plain-frozen   loss.backward() with the same setting (parameters frozen, embedding output requires grad)
   plain-params   loss.backward() with the parameters trainable as loaded (parameter gradients computed)
-Time: the modes run interleaved, several rounds, and the median per mode is compared (the CPU is shared, so
-interleaving keeps background load from favouring one mode); pytest-benchmark times the scoring pass alone.
+Time: the modes run interleaved, ROUNDS rounds, and the median per mode is compared (the CPU is shared, so
+interleaving keeps background load from favouring one mode; the median drops the first, warm-up, round's
+outlier); pytest-benchmark times the scoring pass alone.
 Peak memory: torch's CPU allocations are invisible to tracemalloc, so each mode runs once in a fresh subprocess,
-which reports how far its peak resident set (ru_maxrss) rose above the resident set just before the pass.
+which resets its peak resident set just before the pass and reports how far the peak (VmHWM) rose above the
+resident set at that point.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,8 +32,8 @@ import pytest
 import torch
 
 MODES = ("scoring", "plain-frozen", "plain-params")
-BATCH = 8
-ROUNDS = 5
+PROMPTS = 8
+ROUNDS = 3
 ANSWER = ("Inception is a 2010 science fiction film written and directed by Christopher Nolan, starring Leonardo "
           "DiCaprio as a thief who steals secrets by entering people's dreams.")
 
@@ -47,28 +49,30 @@ def skip_reason() -> str | None:
 
 
 def build():
-    """(model, batches) for the benchmark; the model is the built-in one, float32 on CPU."""
+    """(model, (forget batches, retain batches)); the model is the built-in one, float32 on CPU."""
     from agml.concepts import builtin_inception
     from agml.data import batches, build_example, pad_token_id
     from agml.models import load_model
 
     model, tokenizer = load_model(device="cpu")
-    forget = builtin_inception()[0][:BATCH]
-    examples = [build_example(tokenizer, record.messages, ANSWER) for record in forget]
-    return model, list(batches(examples, BATCH, pad_token_id(tokenizer)))
+    records = builtin_inception()[0][:PROMPTS]
+    examples = [build_example(tokenizer, record.messages, ANSWER) for record in records]
+    half, pad = PROMPTS // 2, pad_token_id(tokenizer)
+    return model, (list(batches(examples[:half], half, pad)), list(batches(examples[half:], half, pad)))
 
 
-def run_pass(mode: str, model, batches) -> None:
+def run_pass(mode: str, model, splits) -> None:
     from agml.scoring import activation_gradients_only, answer_nll, score_neurons
 
+    forget, retain = splits
     if mode == "scoring":
-        score_neurons(model, batches, batches, progress=False)
+        score_neurons(model, forget, retain, progress=False)
     elif mode == "plain-frozen":
         with activation_gradients_only(model):
-            for batch in [*batches, *batches]:
+            for batch in [*forget, *retain]:
                 answer_nll(model, batch)[0].backward()
     elif mode == "plain-params":
-        for batch in [*batches, *batches]:
+        for batch in [*forget, *retain]:
             answer_nll(model, batch)[0].backward()
         model.zero_grad(set_to_none=True)
     else:
@@ -80,13 +84,23 @@ def _resident_mib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024  # kB
+
+
 def measure_memory(mode: str) -> dict[str, float]:
-    """In a fresh process: peak RSS growth (MiB) over one pass of `mode`."""
-    model, batches = build()
+    """In a fresh process: peak RSS growth (MiB) over one pass of `mode`.
+
+    Loading the model peaks above its resting RSS, so the process's peak is reset (Linux clear_refs "5")
+    right before the pass; without that reset the load peak would hide every difference between the modes.
+    """
+    model, splits = build()
     before = _resident_mib()
-    run_pass(mode, model, batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"rss_before_mib": before, "peak_growth_mib": peak - before}
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    run_pass(mode, model, splits)
+    return {"rss_before_mib": before, "peak_growth_mib": _peak_resident_mib() - before}
 
 
 def memory_in_subprocess(mode: str) -> dict[str, float]:
@@ -98,15 +112,13 @@ def memory_in_subprocess(mode: str) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def interleaved_times(model, batches, rounds: int) -> dict[str, float]:
-    """Median seconds per pass of each mode, the modes alternating round by round after one warm-up each."""
+def interleaved_times(model, splits, rounds: int) -> dict[str, float]:
+    """Median seconds per run of each mode (both splits), the modes alternating round by round."""
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for mode in MODES:
-        run_pass(mode, model, batches)
     for _ in range(rounds):
         for mode in MODES:
             start = time.perf_counter()
-            run_pass(mode, model, batches)
+            run_pass(mode, model, splits)
             times[mode].append(time.perf_counter() - start)
     return {mode: statistics.median(values) for mode, values in times.items()}
 
@@ -116,16 +128,17 @@ def test_scoring_overhead(benchmark):
     if reason:
         pytest.skip(reason)
     memory = {mode: memory_in_subprocess(mode) for mode in MODES}
-    model, batches = build()
-    seconds = interleaved_times(model, batches, ROUNDS)
-    benchmark.pedantic(run_pass, args=("scoring", model, batches), rounds=3, warmup_rounds=0, iterations=1)
+    model, splits = build()
+    seconds = interleaved_times(model, splits, ROUNDS)
+    benchmark.pedantic(run_pass, args=("scoring", model, splits), rounds=1, warmup_rounds=0, iterations=1)
+    batches = [*splits[0], *splits[1]]
     tokens = int(sum(b["attention_mask"].sum() for b in batches))
     info = {
         "model": "smollm2-135m-instruct",
         "passes": 2,
-        "prompts_per_pass": BATCH,
-        "tokens_per_pass": tokens,
-        "answer_positions_per_pass": int(sum((b["labels"][:, 1:] != -100).sum() for b in batches)),
+        "prompts": PROMPTS,
+        "tokens": tokens,
+        "answer_positions": int(sum((b["labels"][:, 1:] != -100).sum() for b in batches)),
         "torch_threads": torch.get_num_threads(),
         "rounds": ROUNDS,
         **{f"{mode}_median_s": value for mode, value in seconds.items()},
@@ -136,7 +149,7 @@ def test_scoring_overhead(benchmark):
         / memory["plain-frozen"]["peak_growth_mib"] - 1,
         "memory_overhead_vs_plain_params": memory["scoring"]["peak_growth_mib"]
         / memory["plain-params"]["peak_growth_mib"] - 1,
-        "memory_method": "peak RSS growth over one pass (ru_maxrss - RSS before), fresh subprocess per mode",
+        "memory_method": "peak RSS growth over one pass (VmHWM reset before it), fresh subprocess per mode",
     }
     benchmark.extra_info.update(info)
     print(json.dumps(info, indent=1))
