@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from agml import runs
-from agml.data import PromptRecord, batches, build_example, load_prompts, pad_token_id
+from agml.data import PromptRecord, load_prompts
 from agml.errors import InputError
 
 METHODS = ("ag-masked-lora", "lora")
@@ -130,24 +130,6 @@ def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) ->
         raise InputError(f"probe {leaked[0]} is also a training prompt; probes must be held out")
 
 
-def fill_answers(model, tokenizer, records: list[PromptRecord], max_new_tokens: int, desc: str) -> list[PromptRecord]:
-    """Records without an `answer` get the base model's own greedy answer (what unlearning suppresses)."""
-    from agml.generation import greedy_answers
-
-    todo = [i for i, r in enumerate(records) if r.answer is None]
-    answers = greedy_answers(model, tokenizer, [records[i].messages for i in todo], max_new_tokens, desc=desc)
-    filled = list(records)
-    for i, answer in zip(todo, answers, strict=True):
-        filled[i] = records[i].with_answer(answer or "I don't know.")
-    return filled
-
-
-def _score_batches(tokenizer, records: list[PromptRecord], batch_size: int):
-    pad = pad_token_id(tokenizer)
-    examples = [build_example(tokenizer, r.messages, r.answer) for r in records]
-    return list(batches(examples, batch_size, pad))
-
-
 def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, work: Path, log):
     """Score and mask (ag-masked-lora) or plain LoRA on every layer (the baseline)."""
     from agml.layers import apply_lora, apply_masked_lora
@@ -157,18 +139,14 @@ def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, wor
         return apply_lora(model, r=options.rank, alpha=options.alpha, targets=targets), None
     from agml.masks import NeuronMasks, build_masks
     from agml.plots import plot_heatmap
-    from agml.scoring import NeuronScores, score_neurons
+    from agml.scoring import NeuronScores, score_records
 
     scores_path, masks_path = work / "scores.safetensors", work / "masks.safetensors"
     if masks_path.is_file() and scores_path.is_file():  # a resumed run keeps the masks it trained with
         scores, masks = NeuronScores.load(scores_path), NeuronMasks.load(masks_path)
     else:
         start = time.perf_counter()
-        scores = score_neurons(
-            model,
-            _score_batches(tokenizer, data.forget, options.batch_size),
-            _score_batches(tokenizer, data.retain, options.batch_size),
-        )
+        scores = score_records(model, tokenizer, data.forget, data.retain, options.batch_size)
         masks = build_masks(scores, density=options.density, strategy=options.strategy, score=options.score)
         scores.save(scores_path)
         masks.save(masks_path)
@@ -195,6 +173,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     from agml.layers import export_baked, save_adapter
     from agml.models import load_model
     from agml.reporting import write_report
+    from agml.scoring import answer_records
     from agml.training import TrainConfig, train_unlearning
 
     train_config = TrainConfig(
@@ -211,8 +190,8 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     forget = runs.load_records(work, "forget") if resume else None
     retain = runs.load_records(work, "retain") if resume else None
     if forget is None or retain is None:
-        forget = fill_answers(model, tokenizer, data.forget, options.answer_tokens, "forget answers")
-        retain = fill_answers(model, tokenizer, data.retain, options.answer_tokens, "retain answers")
+        forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
+        retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
         runs.save_records(work, "forget", forget)
         runs.save_records(work, "retain", retain)
         runs.save_records(work, "probes", data.probes)
