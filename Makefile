@@ -26,7 +26,7 @@ test-kernels: $(STAMP)
 	TRITON_INTERPRET=1 AGML_KERNELS=triton $(PY) -m pytest -q tests/kernels
 
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks -m "not gpu" --benchmark-enable --benchmark-json=benchmarks/results/cpu.json
+	$(VENV)/bin/agml bench --json benchmarks/results/cpu.json
 
 demo: $(STAMP)
 	$(VENV)/bin/agml unlearn --out runs/inception --force

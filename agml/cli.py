@@ -112,6 +112,37 @@ def _cmd_unlearn(args) -> int:
 _SUBCOMMANDS.append(_add_unlearn_parser)
 
 
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run the benchmark suite (pytest-benchmark) of a source checkout",
+                       description="Ratios against baselines measured in the same run land in each case's extra_info.")
+    p.add_argument("--full", action="store_true", help="include the full-size (gpu-marked) cases")
+    p.add_argument("--json", metavar="OUT", help="write pytest-benchmark's JSON to OUT")
+    p.add_argument("-k", dest="select", help="pytest -k expression to pick cases")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from agml.errors import InputError
+
+    suite = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not suite.is_dir():
+        raise InputError(f"agml bench runs the benchmarks of a source checkout; {suite} not found")
+    command = [sys.executable, "-m", "pytest", str(suite), "-q", "--benchmark-enable", "-p", "no:cacheprovider"]
+    if not args.full:
+        command += ["-m", "not gpu"]
+    if args.json:
+        command.append(f"--benchmark-json={args.json}")
+    if args.select:
+        command += ["-k", args.select]
+    return subprocess.call(command)
+
+
+_SUBCOMMANDS.append(_add_bench_parser)
+
+
 def _add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="score MLP neurons on forget vs retain answers and select the concept's neurons",
                        description="With no data options: the built-in model and the built-in Inception sets.")
