@@ -193,7 +193,7 @@ def _cmd_score(args) -> int:
 
     import torch
 
-    from agml import runs
+    from agml import distributed, runs
     from agml.masks import build_masks
     from agml.models import load_model
     from agml.plots import plot_heatmap
@@ -208,6 +208,8 @@ def _cmd_score(args) -> int:
     scores = score_records(model, tokenizer, forget, retain, batch_size=args.batch_size)
     masks = build_masks(scores, density=args.density, strategy=args.strategy, score=args.score,
                         retain_weight=args.retain_weight)
+    if not distributed.is_main():  # under accelerate launch every process scored its shard; one writes
+        return 0
     work = runs.start_run(args.out)
     scores.save(work / "scores.safetensors")
     masks.save(work / "masks.safetensors")
@@ -287,7 +289,7 @@ def _eval_concept_terms(config: dict) -> tuple[str, ...]:
 
 
 def _cmd_eval(args) -> int:
-    from agml import runs
+    from agml import distributed, runs
     from agml.evaluation import evaluate, format_summary
 
     config, probes, forget = _eval_inputs(args)
@@ -302,6 +304,8 @@ def _cmd_eval(args) -> int:
             n_examples=args.relearn_examples, seed=args.seed, max_new_tokens=args.max_new_tokens,
             eval_batch_size=args.batch_size,
         )
+    if not distributed.is_main():  # every process answered its shard of the probes; one reports
+        return 0
     print(format_summary(result))
     if args.json is not None:
         runs.write_json(args.json, result)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from agml import distributed
 from agml.data import pad_token_id, prompt_ids
 
 
@@ -19,7 +20,12 @@ def greedy_answers(
     batch_size: int = 16,
     desc: str | None = None,
 ) -> list[str]:
-    """Greedy answers to each conversation, left-padded batches, special tokens stripped."""
+    """Greedy answers to each conversation, left-padded batches, special tokens stripped.
+
+    Under several processes each answers its shard and every process gets all answers, in input order.
+    """
+    total = len(conversations)
+    conversations = distributed.shard(conversations)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
@@ -48,7 +54,7 @@ def greedy_answers(
         for r, i in enumerate(rows):
             answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     model.train(was_training)
-    return answers
+    return distributed.gather_sharded(answers, total)
 
 
 def _stop_ids(tokenizer) -> list[int]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from agml import distributed
 from agml.architecture import mlp_modules
 from agml.data import IGNORE_INDEX, Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
@@ -289,6 +290,16 @@ def _score_split(model, hooks: _NeuronStatsHooks, batches_: Iterable[dict], desc
         return hooks.stats
 
 
+def _summed_over_processes(stats: list[NeuronStats]) -> list[NeuronStats]:
+    """Each process scored its shard of the prompts; the sums make the scores independent of the process count."""
+    if distributed.world_size() == 1:
+        return stats
+    fisher = distributed.sum_across(torch.stack([s.fisher for s in stats]))
+    saliency = distributed.sum_across(torch.stack([s.saliency for s in stats]))
+    tokens = distributed.sum_across(torch.tensor([s.tokens for s in stats], device=fisher.device))
+    return [NeuronStats(f, a, int(t)) for f, a, t in zip(fisher, saliency, tokens, strict=True)]
+
+
 def score_neurons(
     model: torch.nn.Module,
     forget_batches: Iterable[dict],
@@ -302,8 +313,8 @@ def score_neurons(
     """
     hooks = _NeuronStatsHooks(model)
     with activation_gradients_only(model):
-        forget = _score_split(model, hooks, forget_batches, "scoring forget", progress)
-        retain = _score_split(model, hooks, retain_batches, "scoring retain", progress)
+        forget = _summed_over_processes(_score_split(model, hooks, forget_batches, "scoring forget", progress))
+        retain = _summed_over_processes(_score_split(model, hooks, retain_batches, "scoring retain", progress))
     forget_tokens, retain_tokens = forget[0].tokens, retain[0].tokens
     if forget_tokens == 0:
         raise InputError("the forget set has no answer tokens to score (empty forget set?)")
@@ -369,7 +380,7 @@ def score_records(
     pad = pad_token_id(tokenizer)
     return score_neurons(
         model,
-        batches(record_examples(tokenizer, forget), batch_size, pad),
-        batches(record_examples(tokenizer, retain), batch_size, pad),
+        batches(record_examples(tokenizer, distributed.shard(forget)), batch_size, pad),
+        batches(record_examples(tokenizer, distributed.shard(retain)), batch_size, pad),
         progress=progress,
     )

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from agml import distributed
 from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
 from agml.errors import InputError
 from agml.generation import greedy_answers
@@ -358,8 +359,9 @@ class _Data:
     pad: int
 
     def batch(self, config: TrainConfig, step: int) -> UnlearnBatch:
-        f_idx = batch_indices(len(self.forget), config.batch_size, config.seed, _FORGET_STREAM, step)
-        r_idx = batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step)
+        # Every process draws the same global batch and trains on its shard of it (data parallelism).
+        f_idx = distributed.shard(batch_indices(len(self.forget), config.batch_size, config.seed, _FORGET_STREAM, step))
+        r_idx = distributed.shard(batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step))
         reference = self.forget_reference[f_idx] if self.forget_reference is not None else None
         return UnlearnBatch(_collate([self.forget[i] for i in f_idx], self.pad),
                             _collate([self.retain[i] for i in r_idx], self.pad), reference)
@@ -377,9 +379,13 @@ def _train_step(model, objective: Objective, optimizer, params, data: _Data, con
         metrics = objective(model, data.batch(config, step))
         optimizer.zero_grad(set_to_none=True)
         metrics["loss"].backward()
+        distributed.average_gradients(p for _, p in params)
         torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
         optimizer.step()
-    return {k: float(v.detach()) for k, v in metrics.items()}
+    names = sorted(metrics)
+    local = torch.stack([metrics[k].detach().float() for k in names])
+    values = distributed.sum_across(local) / distributed.world_size()  # metrics of the whole (global) batch
+    return dict(zip(names, values.tolist(), strict=True))
 
 
 def train_unlearning(
@@ -404,6 +410,8 @@ def train_unlearning(
         raise InputError(f"unlearning needs forget and retain prompts (got {len(forget)} forget, {len(retain)} retain)")
     if resume and checkpoint_dir is None:
         raise InputError("resume needs a checkpoint directory")
+    if config.batch_size < distributed.world_size():
+        raise InputError(f"batch_size {config.batch_size} is smaller than the {distributed.world_size()} processes")
     objective = config.make_objective()
     train_forget, val_forget = split_validation(forget, config.val_fraction, config.seed, _FORGET_STREAM)
     train_retain, val_retain = split_validation(retain, config.val_fraction, config.seed, _RETAIN_STREAM)
@@ -438,7 +446,7 @@ def train_unlearning(
         entry = {"step": step, **metrics, "lr": optimizer.param_groups[0]["lr"],
                  "seconds": time.perf_counter() - tick}
         if validator is not None and (step % config.eval_every == 0 or step == config.steps):
-            validation = validator(step)
+            validation = distributed.broadcast(validator(step))  # one early-stop decision for all processes
             entry.update(val_forget_pass=validation["forget_pass"], val_retain_kl=validation["retain_kl"])
             # Passing at the last step is not an early stop (and must not block a resume with more steps).
             stopped_early = (config.early_stop and step < config.steps and validation["forgotten"]
@@ -446,11 +454,11 @@ def train_unlearning(
         history.append(entry)
         bar.update(1)
         bar.set_postfix(forget=f"{metrics['forget_loss']:.3f}", kl=f"{metrics['retain_kl']:.4f}")
-        if checkpoint_dir is not None and step % config.checkpoint_every == 0:
+        if checkpoint_dir is not None and step % config.checkpoint_every == 0 and distributed.is_main():
             save_checkpoint(Path(checkpoint_dir), params, optimizer, step, history, config, stopped_early, validation)
             last_saved = step
     bar.close()
-    if checkpoint_dir is not None and last_saved != step:
+    if checkpoint_dir is not None and last_saved != step and distributed.is_main():
         save_checkpoint(Path(checkpoint_dir), params, optimizer, step, history, config, stopped_early, validation)
     model.train(was_training)
     return TrainResult(history, step, stopped_early, validation, time.perf_counter() - started)
