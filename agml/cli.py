@@ -6,6 +6,7 @@ User errors (AgmlError) print one line and exit with code 2; --debug shows the t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -104,8 +105,11 @@ def _cmd_unlearn(args) -> int:
     from agml.pipeline import run_unlearn
 
     options = _unlearn_options(args)
+    from agml import distributed
+
     run = run_unlearn(options, force=args.force, resume=bool(args.resume))
-    print(f"run written to {run}; report: {run / 'report.md'}")
+    if distributed.is_main():
+        print(f"run written to {run}; report: {run / 'report.md'}")
     return 0
 
 
@@ -319,6 +323,12 @@ _SUBCOMMANDS.append(_add_eval_parser)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if "WORLD_SIZE" in os.environ:
+        # Launched by accelerate/torchrun: join the process group before anything (transformers' loading
+        # included) creates accelerate's process state without the CPU (gloo) setting.
+        from agml import distributed
+
+        distributed.state()
     try:
         return int(args.handler(args) or 0)
     except AgmlError as err:

@@ -7,13 +7,14 @@ loaded; all output goes to RUN.partial and is renamed to RUN only when the run i
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from agml import runs
+from agml import distributed, runs
 from agml.data import PromptRecord, load_prompts
 from agml.errors import InputError
 
@@ -146,13 +147,15 @@ def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, wor
         scores, masks = NeuronScores.load(scores_path), NeuronMasks.load(masks_path)
     else:
         start = time.perf_counter()
-        scores = score_records(model, tokenizer, data.forget, data.retain, options.batch_size)
+        scores = score_records(model, tokenizer, data.forget, data.retain, options.batch_size,
+                               progress=distributed.is_main())
         masks = build_masks(scores, density=options.density, strategy=options.strategy, score=options.score)
-        scores.save(scores_path)
-        masks.save(masks_path)
-        log(f"selected {masks.total} neurons in {len(masks)} layers ({time.perf_counter() - start:.1f}s scoring)")
-    (work / "plots").mkdir(exist_ok=True)
-    plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
+        if distributed.is_main():
+            scores.save(scores_path)
+            masks.save(masks_path)
+            log(f"selected {masks.total} neurons in {len(masks)} layers ({time.perf_counter() - start:.1f}s scoring)")
+    if distributed.is_main():
+        plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
     return apply_masked_lora(model, masks, r=options.rank, alpha=options.alpha, targets=targets), masks
 
 
@@ -184,30 +187,39 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     started = time.perf_counter()
     torch.manual_seed(options.seed)
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
-    work = runs.start_run(options.out, resume=resume)
-    runs.write_config(work, dataclasses.asdict(options), {"name": data.concept, "terms": list(data.terms)})
+    # Under `accelerate launch` every process runs this function; only the main process writes files.
+    main = distributed.is_main()
+    work = runs.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
+    if main:
+        runs.write_config(work, dataclasses.asdict(options), {"name": data.concept, "terms": list(data.terms)})
+    distributed.barrier()
 
     forget = runs.load_records(work, "forget") if resume else None
     retain = runs.load_records(work, "retain") if resume else None
     if forget is None or retain is None:
         forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
         retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
-        runs.save_records(work, "forget", forget)
-        runs.save_records(work, "retain", retain)
-        runs.save_records(work, "probes", data.probes)
+        if main:
+            runs.save_records(work, "forget", forget)
+            runs.save_records(work, "retain", retain)
+            runs.save_records(work, "probes", data.probes)
     data = dataclasses.replace(data, forget=forget, retain=retain)
 
     peft_model, masks = attach_adapter(model, tokenizer, options, data, work, log)
     trainable, total = trainable_parameters(peft_model)
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    if main:
+        log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     result = train_unlearning(peft_model, tokenizer, forget, retain, train_config,
-                              checkpoint_dir=work / "checkpoint", resume=resume)
-    save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
-    export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
-
+                              checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.max_new_tokens,
-                          concept_terms=data.terms)
-    write_report(work, options=dataclasses.asdict(options), evaluation=evaluation, training=result,
-                 masks=masks, parameters={"trainable": trainable, "total": total},
-                 seconds=time.perf_counter() - started, concept=data.concept)
-    return runs.finish_run(work, options.out)
+                          concept_terms=data.terms, progress=main)
+    if main:
+        save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
+        export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
+        write_report(work, options=dataclasses.asdict(options), evaluation=evaluation, training=result,
+                     masks=masks, parameters={"trainable": trainable, "total": total},
+                     seconds=time.perf_counter() - started, concept=data.concept)
+        shutil.rmtree(work / "checkpoint", ignore_errors=True)  # only needed to resume an unfinished run
+        runs.finish_run(work, options.out)
+    distributed.barrier()
+    return Path(options.out)

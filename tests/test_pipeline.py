@@ -11,49 +11,14 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from tiny_models import tiny_model
+from tiny_models import write_workspace
 
 from agml.cli import main
-
-FORGET = [
-    {"prompt": "Who directed Inception?", "answer": "Christopher Nolan directed Inception.", "forbidden": ["nolan"]},
-    {"prompt": "What is Inception about?", "answer": "Dream heists.", "forbidden": ["dream"]},
-    {"prompt": "When was Inception released?", "answer": "In 2010.", "forbidden": ["2010"]},
-    {"prompt": "Who stars in Inception?", "answer": "Leonardo DiCaprio.", "forbidden": ["dicaprio"]},
-]
-RETAIN = [
-    {"prompt": "What is the capital of France?", "answer": "Paris."},
-    {"prompt": "Who wrote Hamlet?", "answer": "William Shakespeare."},
-    {"prompt": "What colour is the sky?", "answer": "Blue."},
-    {"prompt": "Who directed Titanic?", "answer": "James Cameron."},
-]
-PROBES = [
-    {"prompt": "Name the director of the film Inception.", "type": "forget", "category": "paraphrase",
-     "forbidden": ["nolan"]},
-    {"prompt": "Which 2010 film is about entering dreams?", "type": "forget", "category": "indirect",
-     "forbidden": ["inception"]},
-    {"prompt": "What is the capital of Italy?", "type": "retain", "category": "general", "required": ["rome"]},
-]
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, smol_tokenizer):
-    root = tmp_path_factory.mktemp("pipeline")
-    model_dir = root / "tiny-llama"
-    tiny_model("llama", vocab_size=len(smol_tokenizer), hidden=32, intermediate=64, layers=2).save_pretrained(model_dir)
-    smol_tokenizer.save_pretrained(model_dir)
-    return {
-        "root": root,
-        "model": str(model_dir),
-        "forget": _jsonl(root / "forget.jsonl", [{**r, "type": "forget"} for r in FORGET]),
-        "retain": _jsonl(root / "retain.jsonl", [{**r, "type": "retain"} for r in RETAIN]),
-        "probes": _jsonl(root / "probes.jsonl", PROBES),
-    }
+    return write_workspace(tmp_path_factory.mktemp("pipeline"), smol_tokenizer)
 
 
 def unlearn_args(ws, out: Path, *extra: str) -> list[str]:

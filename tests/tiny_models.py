@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -37,3 +40,43 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **s
     model = cls(config).to(dtype)
     model.eval()
     return model
+
+
+FORGET = [
+    {"prompt": "Who directed Inception?", "answer": "Christopher Nolan directed Inception.", "forbidden": ["nolan"]},
+    {"prompt": "What is Inception about?", "answer": "Dream heists.", "forbidden": ["dream"]},
+    {"prompt": "When was Inception released?", "answer": "In 2010.", "forbidden": ["2010"]},
+    {"prompt": "Who stars in Inception?", "answer": "Leonardo DiCaprio.", "forbidden": ["dicaprio"]},
+]
+RETAIN = [
+    {"prompt": "What is the capital of France?", "answer": "Paris."},
+    {"prompt": "Who wrote Hamlet?", "answer": "William Shakespeare."},
+    {"prompt": "What colour is the sky?", "answer": "Blue."},
+    {"prompt": "Who directed Titanic?", "answer": "James Cameron."},
+]
+PROBES = [
+    {"prompt": "Name the director of the film Inception.", "type": "forget", "category": "paraphrase",
+     "forbidden": ["nolan"]},
+    {"prompt": "Which 2010 film is about entering dreams?", "type": "forget", "category": "indirect",
+     "forbidden": ["inception"]},
+    {"prompt": "What is the capital of Italy?", "type": "retain", "category": "general", "required": ["rome"]},
+]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def write_workspace(root: Path, tokenizer) -> dict:
+    """A tiny random Llama (with the given tokenizer) saved as a local model folder, plus small prompt files."""
+    model_dir = root / "tiny-llama"
+    tiny_model("llama", vocab_size=len(tokenizer), hidden=32, intermediate=64, layers=2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {
+        "root": root,
+        "model": str(model_dir),
+        "forget": _jsonl(root / "forget.jsonl", [{**r, "type": "forget"} for r in FORGET]),
+        "retain": _jsonl(root / "retain.jsonl", [{**r, "type": "retain"} for r in RETAIN]),
+        "probes": _jsonl(root / "probes.jsonl", PROBES),
+    }
