@@ -60,7 +60,8 @@ def _add_unlearn_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="probe answer length")
     p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens,
                    help="length of the base answers used as training targets")
-    p.add_argument("--no-early-stop", action="store_true", help="always train all --steps")
+    p.add_argument("--early-stop", action="store_true",
+                   help="stop once held-out forget prompts pass and retain KL is within budget")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between adapter checkpoints (for --resume)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -92,7 +93,7 @@ def _unlearn_options(args):
         probes=args.probes, method=args.method, objective=args.objective, density=args.density,
         strategy=args.strategy, score=args.score, rank=args.rank, alpha=args.alpha, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, retain_weight=args.retain_weight, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens, early_stop=not args.no_early_stop,
+        max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens, early_stop=args.early_stop,
         checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
     )
 

@@ -36,20 +36,20 @@ class UnlearnOptions:
     neighbours: str | None = None
     probes: str | None = None
     method: str = "ag-masked-lora"
-    objective: str = "npo"
+    objective: str = "refusal"
     density: float = 0.01
     strategy: str = "global"
     score: str = "combined"
     rank: int = 8
     alpha: float = 16.0
-    steps: int = 60
-    batch_size: int = 8
+    steps: int = 30
+    batch_size: int = 4
     lr: float = 2e-3
-    retain_weight: float = 1.0
+    retain_weight: float = 30.0
     seed: int = 0
     max_new_tokens: int = 64
-    answer_tokens: int = 48
-    early_stop: bool = True
+    answer_tokens: int = 32
+    early_stop: bool = False
     checkpoint_every: int = 10
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)

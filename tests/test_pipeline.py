@@ -74,7 +74,7 @@ def test_killed_run_resumes_to_the_same_adapter(workspace):
     """SIGKILL mid-training, `--resume`, and the adapter equals an uninterrupted run's, bit for bit."""
     # The poll below sees the first checkpoint (step 2) long before the run could finish: after training it
     # still evaluates, and wherever the kill lands, the resumed run must end with the same adapter.
-    flags = ("--steps", "12", "--no-early-stop", "--checkpoint-every", "2", "--lr", "1e-2")
+    flags = ("--steps", "12", "--checkpoint-every", "2", "--lr", "1e-2")
     straight = workspace["root"] / "straight"
     assert main(unlearn_args(workspace, straight, *flags)) == 0
 
