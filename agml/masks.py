@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from agml.errors import AgmlError, InputError
+from agml.tensor_files import read_tensor_file, write_tensor_file
+
+_FORMAT = "agml-neuron-masks"
 
 
 def _as_index(layer: int, ids) -> torch.Tensor:
@@ -75,28 +76,12 @@ class NeuronMasks(Mapping[int, torch.Tensor]):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write safetensors atomically (temporary file, then rename)."""
-        path = Path(path)
         tensors = {f"layer.{layer}": ids for layer, ids in self._layers.items()}
-        metadata = {"format": "agml-neuron-masks", "meta": json.dumps(self.meta)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        write_tensor_file(path, tensors, _FORMAT, {"meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronMasks:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"mask file not found: {path}")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise InputError(f"{path} is not a safetensors mask file: {err}") from err
-        if metadata.get("format") != "agml-neuron-masks":
-            raise InputError(f"{path} is not an agml mask file (missing format metadata)")
+        tensors, metadata = read_tensor_file(path, _FORMAT, "mask")
         layers = {}
         for key, ids in tensors.items():
             prefix, _, index = key.partition(".")

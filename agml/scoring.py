@@ -25,17 +25,16 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agml import distributed
 from agml.architecture import mlp_modules
 from agml.data import IGNORE_INDEX, Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
+from agml.tensor_files import read_tensor_file, write_tensor_file
 from agml_kernels import NeuronStats, neuron_stats
 
 SPLITS = ("forget", "retain")
@@ -108,33 +107,17 @@ class NeuronScores:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write safetensors atomically (temporary file, then rename)."""
-        path = Path(path)
         tensors = {f"{split}.{stat}": getattr(self, f"{split}_{stat}") for split in SPLITS for stat in STATISTICS}
         metadata = {
-            "format": _FORMAT,
             "forget_tokens": str(self.forget_tokens),
             "retain_tokens": str(self.retain_tokens),
             "meta": json.dumps(self.meta),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        write_tensor_file(path, tensors, _FORMAT, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronScores:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"score file not found: {path}")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types
-            raise InputError(f"{path} is not a safetensors score file: {err}") from err
-        if metadata.get("format") != _FORMAT:
-            raise InputError(f"{path} is not an agml score file (missing format metadata)")
+        tensors, metadata = read_tensor_file(path, _FORMAT, "score")
         expected = {f"{split}.{stat}" for split in SPLITS for stat in STATISTICS}
         if set(tensors) != expected:
             raise InputError(f"{path}: score file holds {sorted(tensors)}, expected {sorted(expected)}")
