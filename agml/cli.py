@@ -45,6 +45,7 @@ def _add_unlearn_parser(sub) -> None:
     p.add_argument("--retain", help="retain prompts (JSONL); replaces the built-in retain set")
     p.add_argument("--neighbours", help="extra retain prompts (JSONL) added to the retain set")
     p.add_argument("--probes", help="held-out probes (JSONL); never trained on")
+    p.add_argument("--masks", help="neuron masks from `agml score` (masks.safetensors) instead of scoring here")
     p.add_argument("--method", choices=METHODS, default=defaults.method)
     p.add_argument("--objective", default=defaults.objective, help="npo | refusal | gradient-difference")
     p.add_argument("--density", type=float, default=defaults.density, help="fraction of all MLP neurons to adapt")
@@ -90,7 +91,7 @@ def _unlearn_options(args):
     return UnlearnOptions(
         out=out, concept=concept, aliases=tuple(a for a in args.aliases.split(",") if a.strip()),
         model=args.model, dtype=args.dtype, forget=args.forget, retain=args.retain, neighbours=args.neighbours,
-        probes=args.probes, method=args.method, objective=args.objective, density=args.density,
+        probes=args.probes, masks=args.masks, method=args.method, objective=args.objective, density=args.density,
         strategy=args.strategy, score=args.score, rank=args.rank, alpha=args.alpha, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, retain_weight=args.retain_weight, seed=args.seed,
         max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens, early_stop=args.early_stop,

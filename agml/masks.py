@@ -64,7 +64,13 @@ class NeuronMasks(Mapping[int, torch.Tensor]):
         return sum(int(ids.numel()) for ids in self._layers.values())
 
     def validate_for(self, num_layers: int, intermediate_size: int) -> None:
-        """Raise InputError when the mask names a layer or neuron the model does not have."""
+        """Raise InputError when the mask was built for another model or names a layer or neuron it lacks."""
+        built_for = (self.meta.get("num_layers"), self.meta.get("intermediate_size"))
+        if None not in built_for and tuple(built_for) != (num_layers, intermediate_size):
+            raise InputError(
+                f"the mask was built for a model with {built_for[0]} layers x {built_for[1]} MLP neurons "
+                f"({self.meta.get('model', 'unknown model')}); this model has {num_layers} x {intermediate_size}"
+            )
         for layer, ids in self._layers.items():
             if layer >= num_layers:
                 raise InputError(f"mask names decoder layer {layer}, but the model has {num_layers} layers")

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from agml import distributed, runs
+from agml.architecture import mlp_dims
 from agml.data import PromptRecord, load_prompts
 from agml.errors import InputError
+from agml.masks import NeuronMasks
 
 METHODS = ("ag-masked-lora", "lora")
 BUILTIN_DEMO = "Inception"
@@ -35,6 +37,7 @@ class UnlearnOptions:
     retain: str | None = None
     neighbours: str | None = None
     probes: str | None = None
+    masks: str | None = None
     method: str = "ag-masked-lora"
     objective: str = "refusal"
     density: float = 0.01
@@ -69,6 +72,10 @@ class UnlearnOptions:
             raise InputError(f"--lr must be > 0, got {self.lr}")
         if self.concept is not None and not self.concept.strip():
             raise InputError("--concept must not be empty")
+        if self.masks is not None:
+            if self.method != "ag-masked-lora":
+                raise InputError("--masks goes with --method ag-masked-lora")
+            NeuronMasks.load(self.masks)  # a missing or foreign file is refused before any work
 
 
 @dataclass
@@ -138,7 +145,12 @@ def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, wor
     targets = ("gate_proj", "up_proj", "down_proj")
     if options.method == "lora":
         return apply_lora(model, r=options.rank, alpha=options.alpha, targets=targets), None
-    from agml.masks import NeuronMasks, build_masks
+    if options.masks:  # masks from `agml score` (checked against this model before the run started)
+        masks = NeuronMasks.load(options.masks)
+        if distributed.is_main():
+            masks.save(work / "masks.safetensors")
+        return apply_masked_lora(model, masks, r=options.rank, alpha=options.alpha, targets=targets), masks
+    from agml.masks import build_masks
     from agml.plots import plot_heatmap
     from agml.scoring import NeuronScores, score_records
 
@@ -187,6 +199,8 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     started = time.perf_counter()
     torch.manual_seed(options.seed)
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+    if options.masks:
+        NeuronMasks.load(options.masks).validate_for(*mlp_dims(model))
     # Under `accelerate launch` every process runs this function; only the main process writes files.
     main = distributed.is_main()
     work = runs.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)

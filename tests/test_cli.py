@@ -93,3 +93,10 @@ def test_resume_without_partial_run(tmp_path, capsys):
 def test_debug_flag_shows_traceback(tmp_path, capsys):
     code, err = run_cli(["--debug", "unlearn", "--density", "3", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "Traceback" in err
+
+
+def test_missing_mask_file_is_refused(tmp_path, capsys):
+    missing = tmp_path / "none.safetensors"
+    code, err = run_cli(["unlearn", "--masks", str(missing), "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "mask file not found" in err
+    assert not (tmp_path / "r").exists()

@@ -96,3 +96,26 @@ def test_killed_run_resumes_to_the_same_adapter(workspace):
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].equal(b[key]), key
+
+
+def test_mask_file_for_another_model_is_refused_before_writing(workspace, capsys):
+    from agml.masks import NeuronMasks
+
+    foreign = workspace["root"] / "foreign-masks.safetensors"
+    NeuronMasks({3: [5, 17]}, meta={"num_layers": 30, "intermediate_size": 1536, "model": "other"}).save(foreign)
+    out = workspace["root"] / "run-foreign"
+    assert main(unlearn_args(workspace, out, "--masks", str(foreign))) == 2
+    assert "built for a model with 30 layers x 1536" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("run-foreign.partial").exists()
+
+
+def test_masks_from_agml_score_are_reused(workspace):
+    scored = workspace["root"] / "scored"
+    assert main(["score", "--model", workspace["model"], "--forget", workspace["forget"], "--retain",
+                 workspace["retain"], "--density", "0.1", "--out", str(scored)]) == 0
+    out = workspace["root"] / "run-reused"
+    assert main(unlearn_args(workspace, out, "--steps", "1", "--masks", str(scored / "masks.safetensors"))) == 0
+    from agml.masks import NeuronMasks
+
+    assert NeuronMasks.load(out / "masks.safetensors").to_lists() == NeuronMasks.load(
+        scored / "masks.safetensors").to_lists()
