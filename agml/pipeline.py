@@ -127,6 +127,17 @@ def resolve_data(options: UnlearnOptions) -> RunData:
     return RunData(forget, retain, probes, name, (name, *aliases))
 
 
+def _without_concept(retain: list[PromptRecord], terms: tuple[str, ...], log) -> list[PromptRecord]:
+    """Retain prompts whose base answer names the concept would teach the model to keep it: drop them."""
+    lowered = [t.lower() for t in terms]
+    kept = [r for r in retain if not any(t in r.answer.lower() for t in lowered)]
+    if not kept:
+        raise InputError("every retain prompt's base answer names the concept; give retain prompts that do not")
+    if log is not None and len(kept) < len(retain):
+        log(f"dropped {len(retain) - len(kept)} retain prompt(s) whose base answer names the concept")
+    return kept
+
+
 def _conversation_key(record: PromptRecord) -> tuple:
     return tuple((m["role"], " ".join(m["content"].lower().split())) for m in record.messages)
 
@@ -213,6 +224,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     if forget is None or retain is None:
         forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
         retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
+        retain = _without_concept(retain, data.terms, log if main else None)
         if main:
             runs.save_records(work, "forget", forget)
             runs.save_records(work, "retain", retain)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tiny_models import write_workspace
 
 from agml.cli import main
+from agml.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,17 @@ def test_masks_from_agml_score_are_reused(workspace):
 
     assert NeuronMasks.load(out / "masks.safetensors").to_lists() == NeuronMasks.load(
         scored / "masks.safetensors").to_lists()
+
+
+def test_retain_answers_naming_the_concept_are_dropped():
+    from agml.data import PromptRecord
+    from agml.pipeline import _without_concept
+
+    def record(answer):
+        return PromptRecord(({"role": "user", "content": "Recommend a book series."},), "retain", answer=answer)
+
+    logged = []
+    kept = _without_concept([record("Try Harry Potter!"), record("Try Discworld.")], ("Harry Potter",), logged.append)
+    assert [r.answer for r in kept] == ["Try Discworld."] and "dropped 1" in logged[0]
+    with pytest.raises(InputError):
+        _without_concept([record("harry potter, of course")], ("Harry Potter",), None)
