@@ -100,3 +100,11 @@ def test_missing_mask_file_is_refused(tmp_path, capsys):
     code, err = run_cli(["unlearn", "--masks", str(missing), "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "mask file not found" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_design_contract_names_are_importable_from_agml():
+    import agml
+
+    for name in ("load_model", "score_neurons", "build_masks", "NeuronMasks", "apply_masked_lora", "load_adapter",
+                 "export_baked"):
+        assert callable(getattr(agml, name)), name
