@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(VENV)/bin/agml bench --json benchmarks/results/cpu.json
 
 demo: $(STAMP)
-	$(VENV)/bin/agml unlearn --out runs/inception --force
+	$(VENV)/bin/agml unlearn --out runs/inception
 	@echo "Report: runs/inception/report.md"
 
 lint: $(STAMP)
