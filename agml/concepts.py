@@ -119,15 +119,17 @@ def _record(text: str, category: str, forbidden: tuple[str, ...], kind: str = "f
     return PromptRecord(({"role": "user", "content": text},), kind, category, forbidden=forbidden, source="<template>")
 
 
+def _from_templates(table: dict[str, Sequence[str]], name: str, forbidden: tuple[str, ...]) -> list[PromptRecord]:
+    """One forget record per template of each category, the name filled in."""
+    return [_record(template.format(name=name), category, forbidden)
+            for category, templates in table.items() for template in templates]
+
+
 def concept_forget_set(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]:
     """Training prompts that elicit the concept (>= 30), forbidden = name and aliases, lowercased."""
     name, aliases = _check_name(name, aliases)
     forbidden = _forbidden(name, aliases)
-    records = [
-        _record(template.format(name=name), category, forbidden)
-        for category, templates in _FORGET_TEMPLATES.items()
-        for template in templates
-    ]
+    records = _from_templates(_FORGET_TEMPLATES, name, forbidden)
     for alias in aliases:
         records += [_record(template.format(name=alias), "alias", forbidden) for template in _ALIAS_TEMPLATES]
     return records
@@ -164,11 +166,7 @@ def concept_probes(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]
     """Held-out forget probes (never trained on): other wordings, typos, languages, role-play, multi-turn, cloze."""
     name, aliases = _check_name(name, aliases)
     forbidden = _forbidden(name, aliases)
-    probes = [
-        _record(template.format(name=name), category, forbidden)
-        for category, templates in _PROBE_TEMPLATES.items()
-        for template in templates
-    ]
+    probes = _from_templates(_PROBE_TEMPLATES, name, forbidden)
     for template, typo in zip(_TYPO_TEMPLATES, name_typos(name), strict=False):
         probes.append(_record(template.format(typo=typo), "typo", forbidden))
     prefix = name_prefix(name)
