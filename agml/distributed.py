@@ -37,6 +37,11 @@ def is_main() -> bool:
     return state().is_main_process
 
 
+def device() -> torch.device:
+    """This process's device: its own GPU (cuda:LOCAL_RANK) under a multi-GPU launch, else CUDA or CPU."""
+    return state().device
+
+
 def barrier() -> None:
     if world_size() > 1:
         state().wait_for_everyone()
@@ -45,6 +50,19 @@ def barrier() -> None:
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share: every world_size-th item starting at rank (balanced, order-preserving)."""
     return list(items[rank()::world_size()])
+
+
+def padded_shard(items: Sequence[T]) -> tuple[list[T], int]:
+    """(`shard(items)` padded to the same length on every process, how many of them are real).
+
+    FSDP makes every forward a collective, so processes must run equally many batches; the padding repeats this
+    process's first item (or the first item overall) and its results are dropped by the caller.
+    """
+    local = shard(items)
+    missing = -(-len(items) // world_size()) - len(local)
+    if missing == 0:
+        return local, len(local)
+    return local + [local[0] if local else items[0]] * missing, len(local)
 
 
 def sum_across(tensor: torch.Tensor) -> torch.Tensor:

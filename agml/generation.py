@@ -22,10 +22,12 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy answers to each conversation, left-padded batches, special tokens stripped.
 
-    Under several processes each answers its shard and every process gets all answers, in input order.
+    Under several processes each answers its shard and every process gets all answers, in input order. Shards are
+    padded to equal length and generation is synchronised (`synced_gpus`): a sharded (FSDP) model makes every
+    forward a collective, so all processes must run the same batches for the same number of steps.
     """
     total = len(conversations)
-    conversations = distributed.shard(conversations)
+    conversations, real = distributed.padded_shard(conversations)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
@@ -50,11 +52,12 @@ def greedy_answers(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=_stop_ids(tokenizer),
+            synced_gpus=distributed.world_size() > 1,
         )
         for r, i in enumerate(rows):
             answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     model.train(was_training)
-    return distributed.gather_sharded(answers, total)
+    return distributed.gather_sharded(answers[:real], total)
 
 
 def _stop_ids(tokenizer) -> list[int]:

@@ -63,8 +63,11 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def resolve_device(device) -> torch.device:
+    """None picks this process's device: under a multi-process launch each gets its own GPU (or the CPU)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from agml import distributed
+
+        return distributed.device() if distributed.world_size() > 1 else default_device()
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -72,6 +75,10 @@ def resolve_device(device) -> torch.device:
     if target.type == "cuda" and not torch.cuda.is_available():
         raise AgmlError(f"device {device!r} was asked for but CUDA is not available here")
     return target
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --- GGUF conversion ------------------------------------------------------------------------------
@@ -208,30 +215,64 @@ def load_model(
     """(model, tokenizer) for the built-in alias, a local safetensors folder, a .gguf file or a hub id.
 
     dtype: None keeps the checkpoint's (float32 for the built-in model), or float32/bfloat16/float16.
-    device: None picks CUDA when available, else CPU. The model is returned in eval mode; its
+    device: None picks CUDA when available, else CPU (under `accelerate launch`, this process's GPU; with FSDP
+    the model comes back sharded across the processes, see `agml.fsdp`). The model is returned in eval mode; its
     `config.name_or_path` is the id to record (the alias, the absolute path, or the hub id).
     """
-    from transformers import AutoModelForCausalLM
+    from agml.fsdp import check_settings, fsdp_requested, main_process_reads_weights, shard_model
 
+    if fsdp_requested():
+        check_settings()
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     source, recorded_id, local = resolve_source(name_or_path)
+    if fsdp_requested() and main_process_reads_weights():
+        model = _loaded_on_main_only(source, name_or_path, local, torch_dtype, trust_remote_code)
+    else:
+        model = _pretrained(source, name_or_path, local, torch_dtype, trust_remote_code)
+    # PEFT records `model.name_or_path` as the adapter's base model: make it the name load_model understands.
+    model.config.name_or_path = model.name_or_path = recorded_id
+    if fsdp_requested():  # `accelerate launch --use_fsdp`: each process keeps 1/N of the frozen weights
+        shard_model(model)
+    else:
+        model.to(target)
+    model.eval()
+    return model, _tokenizer_from(source, name_or_path, local, trust_remote_code)
+
+
+def _pretrained(source: str, name: str, local: bool, dtype: torch.dtype | None, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=torch_dtype if torch_dtype is not None else "auto",
+            dtype=dtype if dtype is not None else "auto",
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as err:
         if local:
-            raise AgmlError(f"cannot load the model in {name_or_path}: {err}") from err
-        raise _hub_error(name_or_path, err) from err
-    # PEFT records `model.name_or_path` as the adapter's base model: make it the name load_model understands.
-    model.config.name_or_path = model.name_or_path = recorded_id
-    model.to(target)
-    model.eval()
-    return model, _tokenizer_from(source, name_or_path, local, trust_remote_code)
+            raise AgmlError(f"cannot load the model in {name}: {err}") from err
+        raise _hub_error(name, err) from err
+
+
+def _loaded_on_main_only(source: str, name: str, local: bool, dtype: torch.dtype | None, trust_remote_code: bool):
+    """FSDP loading that reads the checkpoint once: the main process loads it, the others build a weightless
+    skeleton (meta device) of the same dtype and generation settings; `shard_model` broadcasts the weights."""
+    from agml import distributed
+
+    if distributed.is_main():
+        model = _pretrained(source, name, local, dtype, trust_remote_code)
+        distributed.broadcast((model.dtype, model.generation_config))
+        return model
+    dtype, generation_config = distributed.broadcast(None)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.generation_config = generation_config
+    return model
 
 
 def model_id(model) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -265,8 +265,10 @@ def _score_split(model, hooks: _NeuronStatsHooks, batches_: Iterable[dict], desc
     with hooks:
         for batch in tqdm(batches_, desc=desc, disable=not progress, leave=False):
             loss, positions = answer_nll(model, batch)
-            if not bool(positions.any()):
-                continue
+            if "counted" in batch:  # rows that only pad this process's shard (see _split_batches) add nothing
+                positions = positions & batch["counted"].to(positions.device)[:, None]
+            if not bool(positions.any()) and distributed.world_size() == 1:
+                continue  # with several processes every one runs every backward: FSDP's are collectives
             hooks.token_mask = positions
             loss.backward()
             hooks.token_mask = None
@@ -363,7 +365,24 @@ def score_records(
     pad = pad_token_id(tokenizer)
     return score_neurons(
         model,
-        batches(record_examples(tokenizer, distributed.shard(forget)), batch_size, pad),
-        batches(record_examples(tokenizer, distributed.shard(retain)), batch_size, pad),
+        _split_batches(tokenizer, forget, batch_size, pad),
+        _split_batches(tokenizer, retain, batch_size, pad),
         progress=progress,
     )
+
+
+def _split_batches(tokenizer, records: Sequence[PromptRecord], batch_size: int, pad: int) -> Iterator[dict]:
+    """This process's batches of one split; each has a `counted` row flag, False for the padding rows.
+
+    Every process gets equally many rows (`padded_shard`), so all run the same number of forwards and backwards.
+    Sum-NLL keeps each row's activation gradients independent of the others, so padding rows change nothing
+    the counted rows see; they go last, after the length-sorted real examples.
+    """
+    local, real = distributed.padded_shard(records)
+    examples = record_examples(tokenizer, local[:real]) + record_examples(tokenizer, local[real:])
+    start = 0
+    for batch in batches(examples, batch_size, pad):
+        rows = len(batch["input_ids"])
+        batch["counted"] = torch.arange(start, start + rows) < real
+        start += rows
+        yield batch
