@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list = []
 
 
+def _add_model_arguments(p, default_model: str) -> None:
+    p.add_argument("--model", default=default_model, help="built-in alias, local folder, .gguf file or hub id")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: checkpoint's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
 def _add_unlearn_parser(sub) -> None:
     from agml.pipeline import METHODS, UnlearnOptions
 
@@ -39,8 +45,7 @@ def _add_unlearn_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
     p.add_argument("--concept", help="name of the concept to forget (forget set and probes from templates)")
     p.add_argument("--aliases", default="", help="comma-separated other names of the concept")
-    p.add_argument("--model", default=defaults.model, help="built-in alias, local folder, .gguf file or hub id")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: checkpoint's)")
+    _add_model_arguments(p, defaults.model)
     p.add_argument("--forget", help="forget prompts (JSONL); overrides the built-in/template forget set")
     p.add_argument("--retain", help="retain prompts (JSONL); replaces the built-in retain set")
     p.add_argument("--neighbours", help="extra retain prompts (JSONL) added to the retain set")
@@ -65,7 +70,6 @@ def _add_unlearn_parser(sub) -> None:
                    help="stop once held-out forget prompts pass and retain KL is within budget")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between adapter checkpoints (for --resume)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     p.set_defaults(handler=_cmd_unlearn)
 
 
@@ -154,7 +158,7 @@ def _add_score_parser(sub) -> None:
                        description="With no data options: the built-in model and the built-in Inception sets.")
     p.add_argument("--out", required=True, help="folder to create: scores.safetensors, masks.safetensors, plots/")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in alias, local folder, .gguf or hub id")
+    _add_model_arguments(p, "smollm2-135m-instruct")
     p.add_argument("--forget", help="forget prompts (JSONL; default: built-in Inception forget set)")
     p.add_argument("--retain", help="retain prompts (JSONL; default: built-in Inception retain set)")
     p.add_argument("--density", type=float, default=0.01, help="fraction of all MLP neurons to select, in (0, 1]")
@@ -208,7 +212,7 @@ def _cmd_score(args) -> int:
     forget, retain = _score_inputs(args)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     forget = answer_records(model, tokenizer, forget, args.max_new_tokens, desc="forget answers")
     retain = answer_records(model, tokenizer, retain, args.max_new_tokens, desc="retain answers")
     scores = score_records(model, tokenizer, forget, retain, batch_size=args.batch_size)
@@ -267,6 +271,11 @@ def _eval_inputs(args):
         checks.update({"--relearn": args.relearn, "--relearn-examples": args.relearn_examples})
         if not args.relearn_lr > 0:
             raise InputError(f"--relearn-lr must be > 0, got {args.relearn_lr}")
+        from agml.fsdp import fsdp_requested
+
+        if fsdp_requested():  # the attack merges the adapter into a copy of the whole model
+            raise InputError("--relearn needs the whole model on one device; run it without FSDP "
+                             "(plain `accelerate launch`, or a single process)")
     for flag, value in checks.items():
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
@@ -332,15 +341,31 @@ def main(argv: list[str] | None = None) -> int:
 
         distributed.state()
     try:
-        return int(args.handler(args) or 0)
+        return int(_run_handler(args))
     except AgmlError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"agml {args.command}: error: {err}", file=sys.stderr)
+        print(f"agml {args.command}{_process_label()}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"agml {args.command}: interrupted", file=sys.stderr)
+        print(f"agml {args.command}{_process_label()}: interrupted", file=sys.stderr)
         return 130
+
+
+def _run_handler(args) -> int:
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return args.handler(args) or 0
+    # Under accelerate launch (torchrun): a crash is recorded so the launcher's summary, which ends the whole job,
+    # names the failing process's exception instead of "error_file: <N/A>".
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(args.handler)(args) or 0
+
+
+def _process_label() -> str:
+    """' (process R of N)' under a multi-process launch, so each process's message says whose it is."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (process {os.environ.get('RANK', '?')} of {size})" if size > 1 else ""
 
 
 if __name__ == "__main__":
