@@ -1,9 +1,10 @@
 """Full-size kernel benchmarks for one GPU, written as JSON (called by run.sh).
 
 Measures the ceilings (device-to-device copy bandwidth, bf16 GEMM rate), then masked_lora_linear forward and
-forward+backward (base frozen) against F.linear and PEFT's LoRA Linear, and neuron_stats against eager torch and
-the copy bandwidth. `--dry-run` uses tiny sizes on whatever device there is (CPU: Triton interpreter) so the whole
-script can be tried without a GPU; its numbers mean nothing.
+forward+backward (base frozen) against F.linear and PEFT's LoRA Linear, neuron_stats against eager torch and the
+copy bandwidth, and a whole scoring pass (`agml.scoring.score_neurons`) on a randomly initialised
+Qwen2.5-3B-shaped model against its plain forward+backward. `--dry-run` uses tiny sizes on whatever device there
+is (CPU: Triton interpreter) so the whole script can be tried without a GPU; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared case builders
 
 from bench_kernels import LinearCase, build_linear, eager_neuron_stats, step  # noqa: E402
+from bench_scoring import MODES, run_pass  # noqa: E402
 
 from agml_kernels import backend, neuron_stats  # noqa: E402
 
@@ -122,6 +124,63 @@ def neuron_stats_rows(device: str, dry: bool, reps: int, copy_bandwidth_gbs: flo
     return rows
 
 
+# Qwen2.5-3B-Instruct's published shape; random weights (nothing can be downloaded on the GPU machine).
+QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, tie_word_embeddings=True)
+
+
+def scoring_batches(vocab: int, rows: int, length: int, device: str) -> list[dict]:
+    """One batch of random token ids whose second half is the answer (labelled), as agml.data.collate builds."""
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (rows, length), generator=gen)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = -100
+    return [{"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+             "labels": labels.to(device)}]  # fmt: skip
+
+
+def scoring_pass(device: str, dry: bool, reps: int) -> dict:
+    """Scoring pass vs plain forward+backward (frozen; and with parameter gradients), median of interleaved rounds.
+
+    Forget and retain are one batch each (8 x 512 tokens, 256 answer tokens per row), so one run is two passes.
+    """
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    shape, rows, length = (TINY, 2, 32) if dry else (QWEN25_3B, 8, 512)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=torch.bfloat16)
+    model.eval()
+    splits = (scoring_batches(shape["vocab_size"], rows, length, device),
+              scoring_batches(shape["vocab_size"], rows, length, device))  # fmt: skip
+    cuda = device == "cuda"
+    rounds = 3 if dry else max(5, reps // 20)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    peaks: dict[str, float] = {}
+    for _ in range(rounds):
+        for mode in MODES:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            resting = torch.cuda.memory_allocated() if cuda else 0
+            start = time.perf_counter()
+            run_pass(mode, model, splits)
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[mode] = (torch.cuda.max_memory_allocated() - resting) / 2**20
+            times[mode].append((time.perf_counter() - start) * 1e3)
+    medians = {mode: statistics.median(values) for mode, values in times.items()}
+    result = {"model_shape": "Qwen2.5-3B" if not dry else "tiny", "parameters": sum(p.numel() for p in
+              model.parameters()), "rows": rows, "length": length, "passes": 2, "rounds": rounds,
+              **{f"{mode}_median_ms": value for mode, value in medians.items()},
+              **{f"{mode}_peak_above_weights_mib": value for mode, value in peaks.items()},
+              "scoring_over_plain_frozen": medians["scoring"] / medians["plain-frozen"],
+              "scoring_over_plain_params": medians["scoring"] / medians["plain-params"]}  # fmt: skip
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def headline(result: dict) -> dict:
     masked = next(r for r in result["masked_lora_linear"]
                   if r["shape"] == HEADLINE["shape"] and r["density"] == HEADLINE["density"])  # fmt: skip
@@ -168,6 +227,8 @@ def main() -> None:
     save()
     result["masked_lora_linear"] = masked_lora(device, args.dry_run, args.rep_ms)
     result.update(headline(result))
+    save()
+    result["scoring_pass"] = scoring_pass(device, args.dry_run, args.rep_ms)
     save()
     print(json.dumps({k: result[k] for k in headline(result)}, indent=2))
 
