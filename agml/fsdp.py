@@ -21,27 +21,22 @@ Every forward is a collective under FSDP, so every process must run the same num
 
 from __future__ import annotations
 
-import os
-
 import torch
+from accelerate.utils import parse_flag_from_env
 
 from agml import distributed
 from agml.architecture import decoder_layers
 from agml.errors import AgmlError
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    return os.environ.get(name, str(default)).strip().lower() in ("1", "true", "yes")
-
-
 def fsdp_requested() -> bool:
     """True when accelerate launched several processes with FSDP (`--use_fsdp` or `distributed_type: FSDP`)."""
-    return _env_flag("ACCELERATE_USE_FSDP", False) and distributed.world_size() > 1
+    return parse_flag_from_env("ACCELERATE_USE_FSDP", False) and distributed.world_size() > 1
 
 
 def main_process_reads_weights() -> bool:
     """accelerate's `fsdp_cpu_ram_efficient_loading` (on unless turned off): only rank 0 reads the checkpoint."""
-    return _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING", True)
+    return parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING", True)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -52,7 +47,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def check_settings() -> None:
     """Refuse the accelerate FSDP settings agml cannot honour, before anything is loaded."""
-    if _env_flag("FSDP_OFFLOAD_PARAMS", False):
+    if parse_flag_from_env("FSDP_OFFLOAD_PARAMS", False):
         # Offloaded shards live on the CPU while the compute runs on the GPU: every place that reads a device from
         # the parameters (inputs, adapter placement) would have to learn that first.
         raise AgmlError("agml does not support FSDP parameter offload (fsdp_offload_params: true); set it to false "
@@ -65,7 +60,7 @@ def _fsdp_options(device: torch.device) -> dict:
     check_settings()
     return {
         "mesh": init_device_mesh(device.type, (distributed.world_size(),)),
-        "reshard_after_forward": _env_flag("FSDP_RESHARD_AFTER_FORWARD", True),
+        "reshard_after_forward": parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", True),
     }
 
 
@@ -119,5 +114,4 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
         model.to_empty(device=device)
     _broadcast_buffers(model, buffers, device)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full_state
     return model

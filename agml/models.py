@@ -221,18 +221,19 @@ def load_model(
     """
     from agml.fsdp import check_settings, fsdp_requested, main_process_reads_weights, shard_model
 
-    if fsdp_requested():
+    sharded = fsdp_requested()
+    if sharded:
         check_settings()
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     source, recorded_id, local = resolve_source(name_or_path)
-    if fsdp_requested() and main_process_reads_weights():
+    if sharded and main_process_reads_weights():
         model = _loaded_on_main_only(source, name_or_path, local, torch_dtype, trust_remote_code)
     else:
         model = _pretrained(source, name_or_path, local, torch_dtype, trust_remote_code)
     # PEFT records `model.name_or_path` as the adapter's base model: make it the name load_model understands.
     model.config.name_or_path = model.name_or_path = recorded_id
-    if fsdp_requested():  # `accelerate launch --use_fsdp`: each process keeps 1/N of the frozen weights
+    if sharded:  # `accelerate launch --use_fsdp`: each process keeps 1/N of the frozen weights
         shard_model(model)
     else:
         model.to(target)
