@@ -44,10 +44,6 @@ def launch(*agml_args: str, processes: int = 2, fsdp: bool = False, script: str 
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def launch_two(*agml_args: str) -> subprocess.CompletedProcess:
-    return launch(*agml_args)
-
-
 def score_args(ws, out) -> list[str]:
     return ["score", "--model", ws["model"], "--forget", ws["forget"], "--retain", ws["retain"],
             "--density", "0.1", "--batch-size", "2", "--out", str(out)]
@@ -55,7 +51,7 @@ def score_args(ws, out) -> list[str]:
 
 def test_two_processes_give_the_same_scores_as_one(workspace, single_process_scores):
     one, two = single_process_scores, workspace["root"] / "two"
-    done = launch_two(*score_args(workspace, two))
+    done = launch(*score_args(workspace, two))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_scores(one, two)
 
@@ -102,7 +98,7 @@ def adapter_tensors(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def data_parallel_run(workspace):
     out = workspace["root"] / "run2"
-    done = launch_two(*unlearn_args(workspace, out))
+    done = launch(*unlearn_args(workspace, out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run written to") == 1
     return out
