@@ -114,11 +114,16 @@ def memory_in_subprocess(mode: str) -> dict[str, float]:
 
 def interleaved_times(model, splits, rounds: int) -> dict[str, float]:
     """Median seconds per run of each mode (both splits), the modes alternating round by round."""
+    cuda = next(model.parameters()).is_cuda  # kernels run asynchronously: time to their end, not to their launch
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(rounds):
         for mode in MODES:
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             run_pass(mode, model, splits)
+            if cuda:
+                torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - start)
     return {mode: statistics.median(values) for mode, values in times.items()}
 

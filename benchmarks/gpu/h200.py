@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: shared case builders
 
 from bench_kernels import LinearCase, build_linear, eager_neuron_stats, step  # noqa: E402
-from bench_scoring import MODES, run_pass  # noqa: E402
+from bench_scoring import MODES, interleaved_times, run_pass  # noqa: E402
 
 from agml_kernels import backend, neuron_stats  # noqa: E402
 
@@ -141,6 +141,16 @@ def scoring_batches(vocab: int, rows: int, length: int, device: str) -> list[dic
              "labels": labels.to(device)}]  # fmt: skip
 
 
+def peak_above_resting_mib(mode: str, model, splits) -> float:
+    """CUDA memory one run of `mode` allocates at its peak, above what was allocated before it (the weights)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resting = torch.cuda.memory_allocated()
+    run_pass(mode, model, splits)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - resting) / 2**20
+
+
 def scoring_pass(device: str, dry: bool, reps: int) -> dict:
     """Scoring pass vs plain forward+backward (frozen; and with parameter gradients), median of interleaved rounds.
 
@@ -154,23 +164,9 @@ def scoring_pass(device: str, dry: bool, reps: int) -> dict:
     model.eval()
     splits = (scoring_batches(shape["vocab_size"], rows, length, device),
               scoring_batches(shape["vocab_size"], rows, length, device))  # fmt: skip
-    cuda = device == "cuda"
     rounds = 3 if dry else max(5, reps // 20)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    peaks: dict[str, float] = {}
-    for _ in range(rounds):
-        for mode in MODES:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            resting = torch.cuda.memory_allocated() if cuda else 0
-            start = time.perf_counter()
-            run_pass(mode, model, splits)
-            if cuda:
-                torch.cuda.synchronize()
-                peaks[mode] = (torch.cuda.max_memory_allocated() - resting) / 2**20
-            times[mode].append((time.perf_counter() - start) * 1e3)
-    medians = {mode: statistics.median(values) for mode, values in times.items()}
+    medians = {mode: seconds * 1e3 for mode, seconds in interleaved_times(model, splits, rounds).items()}
+    peaks = {mode: peak_above_resting_mib(mode, model, splits) for mode in MODES} if device == "cuda" else {}
     result = {"model_shape": "Qwen2.5-3B" if not dry else "tiny", "parameters": sum(p.numel() for p in
               model.parameters()), "rows": rows, "length": length, "passes": 2, "rounds": rounds,
               **{f"{mode}_median_ms": value for mode, value in medians.items()},
