@@ -3,8 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from kernel_formulas import TOLERANCE, masked_lora_f64, rel_err
 
 from agml_kernels import masked_lora_linear
@@ -191,59 +189,3 @@ def test_bad_arguments_raise_value_error_naming_them(bad):
     case = make_bad(make_case("cpu"))
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         masked_lora_linear(**case)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    which=st.sampled_from(["out_index", "in_index"]),
-    values=st.lists(st.integers(-60, 60), min_size=1, max_size=12),
-)
-def test_random_bad_indices_raise(which, values):
-    size = OUT if which == "out_index" else IN
-    valid = all(0 <= v < size for v in values) and values == sorted(set(values))
-    case = make_case("cpu")
-    case[which] = torch.tensor(values, dtype=torch.int64)
-    k = len(values)
-    if which == "out_index":
-        case["lora_b"] = torch.randn(k, RANK)
-    else:
-        case["lora_a"] = torch.randn(RANK, k)
-    if valid:
-        masked_lora_linear(**case)
-    else:
-        with pytest.raises(ValueError, match=which):
-            masked_lora_linear(**case)
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    lead=st.lists(st.integers(0, 4), min_size=0, max_size=2),
-    in_f=st.integers(1, 12),
-    out_f=st.integers(1, 12),
-    rank=st.integers(0, 5),
-    data=st.data(),
-)
-def test_random_valid_shapes_match_float64(lead, in_f, out_f, rank, data):
-    def subset(size):
-        picked = data.draw(st.one_of(st.none(), st.sets(st.integers(0, size - 1), max_size=size)))
-        return None if picked is None else torch.tensor(sorted(picked), dtype=torch.int64)
-
-    out_index, in_index = subset(out_f), subset(in_f)
-    k_in = in_f if in_index is None else in_index.numel()
-    k_out = out_f if out_index is None else out_index.numel()
-    case = {
-        "x": torch.randn(*lead, in_f, requires_grad=True),
-        "weight": torch.randn(out_f, in_f, requires_grad=True),
-        "bias": data.draw(st.sampled_from([None, torch.randn(out_f, requires_grad=True)])),
-        "lora_a": torch.randn(rank, k_in, requires_grad=True),
-        "lora_b": torch.randn(k_out, rank, requires_grad=True),
-        "scaling": data.draw(st.floats(-4, 4)),
-        "out_index": out_index,
-        "in_index": in_index,
-    }
-    grad_out = torch.randn(*lead, out_f)
-    y, grads = run(case, grad_out)
-    y64, grads64 = run_f64(case, grad_out)
-    torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-4)
-    for name, g64 in grads64.items():
-        torch.testing.assert_close(grads[name].double(), g64, rtol=1e-4, atol=1e-4, msg=f"d{name}")

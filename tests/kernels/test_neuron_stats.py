@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from kernel_formulas import neuron_stats_f64, rel_err
 
 from agml_kernels import NeuronStats, neuron_stats
@@ -107,21 +105,3 @@ def test_bad_arguments_raise_value_error(make_bad, message):
 def test_adding_mismatched_stats_raises():
     with pytest.raises(ValueError, match="cannot add"):
         NeuronStats.zeros(3) + NeuronStats.zeros(4)
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    lead=st.lists(st.integers(0, 5), min_size=0, max_size=2),
-    hidden=st.integers(1, 9),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-    masked=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_random_shapes_match_float64(lead, hidden, dtype, masked, seed):
-    acts, grads = acts_grads("cpu", dtype=dtype, shape=(*lead, hidden), seed=seed)
-    mask = torch.rand(tuple(lead), generator=torch.Generator().manual_seed(seed)) > 0.5 if masked else None
-    stats = neuron_stats(acts, grads, mask)
-    fisher, saliency, tokens = neuron_stats_f64(acts, grads, mask)
-    assert stats.tokens == tokens
-    torch.testing.assert_close(stats.fisher.double(), fisher, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stats.saliency.double(), saliency, rtol=1e-5, atol=1e-6)
