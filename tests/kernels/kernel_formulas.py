@@ -12,8 +12,11 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(diff / expected.norm().clamp_min(1e-30))
 
 
-def masked_lora_f64(x, weight, bias, lora_a, lora_b, scaling, out_index=None, in_index=None):
-    """The contract, literally, in float64 and differentiable: dense base plus the masked rank-r term."""
+def masked_lora_f64(x, weight, bias, lora_a, lora_b, scaling, out_index=None, in_index=None, **_plan):
+    """The contract, literally, in float64 and differentiable: dense base plus the masked rank-r term.
+
+    `_plan` (precomputed positions, `checked`) changes how the op runs, not what it computes.
+    """
     x, weight, lora_a, lora_b = (t.double() for t in (x, weight, lora_a, lora_b))
     y = x @ weight.t()
     if bias is not None:
