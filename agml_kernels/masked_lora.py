@@ -273,11 +273,18 @@ _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_LORA", "HAS_POS", "LAYOUT"]
 
 
-@functools.lru_cache(maxsize=2)
-def _kernels_for(interpreted: bool):
+def _autotune_enabled() -> bool:
+    """AGML_TRITON_AUTOTUNE=0 pins one small config (GPU test runs: many small shapes, no tuning per shape)."""
+    return os.environ.get("AGML_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=4)
+def _kernels_for(interpreted: bool, autotune: bool):
     _ensure_triton()
     if interpreted:
         configs = [triton.Config(dict(_INTERPRETER_TILE))]
+    elif not autotune:  # small tiles: fit shared memory even with float32 operands
+        configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3)]
     else:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s,
                                  num_warps=w) for bm, bn, bk, s, w in _HOPPER_TILES]  # fmt: skip
@@ -300,7 +307,7 @@ def _device_guard(t: torch.Tensor):
 
 def _linear_lowrank_triton(x2, w_kn, bias, u, lora_rc, pos, scaling) -> torch.Tensor:
     """(M, K) @ (K, N) [+ bias] [+ scaling * u (M, R) @ lora_rc (R, k_sel) on the selected columns]."""
-    kernel = _kernels_for(triton_interpreted())
+    kernel = _kernels_for(triton_interpreted(), _autotune_enabled())
     m, k = x2.shape
     n = w_kn.shape[1]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)

@@ -1,16 +1,22 @@
-"""Full-size kernel benchmarks for one GPU, written as JSON (called by run.sh).
+"""Full-size kernel checks and benchmarks for one GPU, one section per call, written as JSON (called by run.sh).
 
-Measures the ceilings (device-to-device copy bandwidth, bf16 GEMM rate), then masked_lora_linear forward and
-forward+backward (base frozen) against F.linear and PEFT's LoRA Linear, neuron_stats against eager torch and the
-copy bandwidth, and a whole scoring pass (`agml.scoring.score_neurons`) on a randomly initialised
-Qwen2.5-3B-shaped model against its plain forward+backward. `--dry-run` uses tiny sizes on whatever device there
-is (CPU: Triton interpreter) so the whole script can be tried without a GPU; its numbers mean nothing.
+Sections, in run.sh's priority order:
+  correctness   masked_lora_linear at full size with the production (autotuned) configs, each GEMM path forced in
+                turn, against float64: output and every gradient, bf16 and fp16, every shape below
+  masked        forward and forward+backward (base frozen) against F.linear (cuBLAS) and a PEFT-style dense LoRA;
+                the Triton GEMM alone (HAS_LORA off) against cuBLAS; the GEMM path chosen per key
+  neuron_stats  in-place accumulation against the measured device-to-device copy bandwidth and eager torch
+  scoring       a whole scoring pass (`agml.scoring.score_neurons`) on a randomly initialised Qwen2.5-3B-shaped
+                model against its plain forward+backward
+`merge` joins the section files into one. `--dry-run` uses tiny sizes on whatever device there is (CPU: Triton
+interpreter) so the whole script can be tried without a GPU; its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -25,10 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: sha
 from bench_kernels import LinearCase, build_linear, eager_neuron_stats, step  # noqa: E402
 from bench_scoring import MODES, interleaved_times, run_pass  # noqa: E402
 
-from agml_kernels import backend, neuron_stats  # noqa: E402
+from agml_kernels import NeuronStats, backend, linear_path_choices, prepare_masked_lora  # noqa: E402
+from agml_kernels.masked_lora import _linear_lowrank_triton, masked_lora_linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "kernels"))
+from kernel_formulas import TOLERANCE, masked_lora_f64, rel_err  # noqa: E402
 
 DENSITIES = (0.005, 0.01, 0.02, 0.1)
-HEADLINE = {"shape": "4096x4096-out", "density": 0.01}
+GOAL_SHAPES = ("4096x11008-out", "11008x4096-in")  # the issue's goal shapes: every density; others at 1% only
+HEADLINE = {"shape": "4096x11008-out", "density": 0.01}
 
 
 def timer_ms(fn: Callable[[], object], cuda: bool, reps: int) -> float:
@@ -68,8 +79,10 @@ def ceilings(device: str, dry: bool, reps: int) -> dict:
 
 def linear_shapes(dry: bool) -> list[tuple[str, int, int, str]]:
     if dry:
-        return [("4096x4096-out", 64, 96, "out"), ("4096x4096-in", 96, 64, "in")]
+        return [("4096x11008-out", 64, 96, "out"), ("11008x4096-in", 96, 64, "in")]
     return [
+        ("4096x11008-out", 4096, 11008, "out"),
+        ("11008x4096-in", 11008, 4096, "in"),
         ("4096x4096-out", 4096, 4096, "out"),
         ("4096x4096-in", 4096, 4096, "in"),
         ("2048x11008-out", 2048, 11008, "out"),
@@ -84,7 +97,7 @@ def masked_lora(device: str, dry: bool, reps: int) -> list[dict]:
     rows = []
     for name, n_in, n_out, side in linear_shapes(dry):
         baselines = {}
-        for density in DENSITIES:
+        for density in DENSITIES if name in GOAL_SHAPES else (0.01,):
             case = LinearCase(n_in, n_out, side, density, 16, tokens, torch.bfloat16)
             ops = build_linear(case, device=device)
             if not baselines:
@@ -97,29 +110,88 @@ def masked_lora(device: str, dry: bool, reps: int) -> list[dict]:
             row["masked_fwd_over_base_fwd"] = row["masked_fwd_ms"] / row["base_fwd_ms"]
             row["masked_fwdbwd_over_base_fwdbwd"] = row["masked_fwdbwd_ms"] / row["base_fwdbwd_ms"]
             row["masked_fwdbwd_over_peft_fwdbwd"] = row["masked_fwdbwd_ms"] / row["peft_fwdbwd_ms"]
+            peft_extra = row["peft_fwdbwd_ms"] - row["base_fwdbwd_ms"]
+            row["lora_overhead_share"] = (row["masked_fwdbwd_ms"] - row["base_fwdbwd_ms"]) / peft_extra
+            if density == 0.01:
+                row.update(gemm_alone(ops, cuda, reps))
             rows.append(row)
+            _on_row(row)
             print(json.dumps(row), flush=True)
             del ops
     return rows
 
 
-def neuron_stats_rows(device: str, dry: bool, reps: int, copy_bandwidth_gbs: float) -> list[dict]:
+def gemm_alone(ops: dict, cuda: bool, reps: int) -> dict:
+    """The Triton GEMM with HAS_LORA off against cuBLAS, in the forward (x W^T) and backward-dx (dy W) layouts."""
+    x, weight, dy = ops["x"].detach(), ops["weight"], ops["grad_out"]
+    times = {
+        "triton_gemm_fwd_ms": timer_ms(lambda: _linear_lowrank_triton(x, weight.t(), None, None, None, None, 1.0),
+                                       cuda, reps),
+        "cublas_gemm_fwd_ms": timer_ms(lambda: x @ weight.t(), cuda, reps),
+        "triton_gemm_dx_ms": timer_ms(lambda: _linear_lowrank_triton(dy, weight, None, None, None, None, 1.0),
+                                      cuda, reps),
+        "cublas_gemm_dx_ms": timer_ms(lambda: dy @ weight, cuda, reps),
+    }  # fmt: skip
+    times["triton_over_cublas_fwd"] = times["triton_gemm_fwd_ms"] / times["cublas_gemm_fwd_ms"]
+    times["triton_over_cublas_dx"] = times["triton_gemm_dx_ms"] / times["cublas_gemm_dx_ms"]
+    return times
+
+
+def correctness(device: str, dry: bool) -> list[dict]:
+    """Every shape x {bf16, fp16} x {forced torch path, forced Triton path}: output and all five gradients."""
+    tokens = 48 if dry else 8192
+    rows = []
+    for name, n_in, n_out, side in linear_shapes(dry):
+        for dtype in (torch.bfloat16, torch.float16):
+            case = LinearCase(n_in, n_out, side, 0.01, 16, tokens, dtype)
+            ops = build_linear(case, device=device)
+            args = {"x": ops["x"], "weight": ops["weight"].clone().requires_grad_(),
+                    "bias": (torch.randn(n_out, device=device) * 0.1).to(dtype).requires_grad_(),
+                    "lora_a": ops["lora_a"], "lora_b": ops["lora_b"], "scaling": ops["scaling"]}  # fmt: skip
+            plan = prepare_masked_lora(ops["out_index"], ops["in_index"], n_out, n_in)
+            leaves = ["x", "weight", "bias", "lora_a", "lora_b"]
+            wide = {k: (v.detach().double().requires_grad_() if k in leaves else v) for k, v in args.items()}
+            y64 = masked_lora_f64(**wide, out_index=plan["out_index"], in_index=plan["in_index"])
+            grads64 = torch.autograd.grad(y64, [wide[k] for k in leaves], ops["grad_out"].double())
+            for path in ("torch", "triton"):
+                os.environ["AGML_LINEAR_PATH"] = path
+                try:
+                    y = masked_lora_linear(**args, **plan)
+                    grads = torch.autograd.grad(y, [args[k] for k in leaves], ops["grad_out"])
+                finally:
+                    del os.environ["AGML_LINEAR_PATH"]
+                errors = {"y": rel_err(y, y64), **{f"d{k}": rel_err(g, g64) for k, g, g64 in
+                                                    zip(leaves, grads, grads64, strict=True)}}  # fmt: skip
+                ok = all(err < TOLERANCE[dtype] and err == err for err in errors.values())
+                row = {"shape": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "path": path,
+                       "tolerance": TOLERANCE[dtype], "ok": ok, "rel_err": errors}  # fmt: skip
+                rows.append(row)
+                _on_row(row)
+                print(json.dumps(row), flush=True)
+            del ops, args, wide, y64, grads64
+    return rows
+
+
+def neuron_stats_rows(device: str, dry: bool, reps: int) -> list[dict]:
     cuda = device == "cuda"
+    copy_bandwidth_gbs = ceilings(device, dry, reps)["copy_bandwidth_gbs"]
     rows = []
     shapes = [(48, 64)] if dry else [(8192, 4096), (8192, 11008)]
     for tokens, hidden in shapes:
         gen = torch.Generator().manual_seed(0)
         acts, grads = (torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16) for _ in range(2))
         all_tokens = torch.ones(tokens, dtype=torch.bool, device=device)
-        kernel_ms = timer_ms(lambda a=acts, g=grads: neuron_stats(a, g), cuda, reps)
+        stats = NeuronStats.zeros(hidden, device=device)
+        kernel_ms = timer_ms(lambda a=acts, g=grads, m=all_tokens, s=stats: s.accumulate_(a, g, m), cuda, reps)
         eager_ms = timer_ms(lambda a=acts, g=grads, m=all_tokens: eager_neuron_stats(a, g, m), cuda, reps)
         read_bytes = 2 * acts.numel() * acts.element_size()
         bandwidth = read_bytes / kernel_ms / 1e6
         row = {"tokens": tokens, "hidden": hidden, "dtype": "bfloat16", "neuron_stats_ms": kernel_ms,
                "eager_ms": eager_ms, "bytes_read": read_bytes, "bandwidth_gbs": bandwidth,
-               "fraction_of_copy_bandwidth": bandwidth / copy_bandwidth_gbs,
+               "copy_bandwidth_gbs": copy_bandwidth_gbs, "fraction_of_copy_bandwidth": bandwidth / copy_bandwidth_gbs,
                "neuron_stats_over_eager": kernel_ms / eager_ms}  # fmt: skip
         rows.append(row)
+        _on_row(row)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -178,15 +250,26 @@ def scoring_pass(device: str, dry: bool, reps: int) -> dict:
 
 
 def headline(result: dict) -> dict:
-    masked = next(r for r in result["masked_lora_linear"]
-                  if r["shape"] == HEADLINE["shape"] and r["density"] == HEADLINE["density"])  # fmt: skip
-    stats = result["neuron_stats"][0]
-    return {
-        "masked_fwd_over_base_fwd": masked["masked_fwd_over_base_fwd"],
-        "masked_fwdbwd_over_base_fwdbwd": masked["masked_fwdbwd_over_base_fwdbwd"],
-        "masked_fwdbwd_over_peft_fwdbwd": masked["masked_fwdbwd_over_peft_fwdbwd"],
-        "neuron_stats_fraction_of_copy_bandwidth": stats["fraction_of_copy_bandwidth"],
-    }
+    """The issue's goal ratios, from whichever sections finished."""
+    out = {}
+    masked = [r for r in result.get("masked", []) if r["shape"] == HEADLINE["shape"] and
+              r["density"] == HEADLINE["density"]]  # fmt: skip
+    if masked:
+        row = masked[0]
+        out.update({k: row[k] for k in ("masked_fwd_over_base_fwd", "masked_fwdbwd_over_base_fwdbwd",
+                                         "masked_fwdbwd_over_peft_fwdbwd", "lora_overhead_share")})  # fmt: skip
+    if result.get("neuron_stats"):
+        out["neuron_stats_fraction_of_copy_bandwidth"] = min(r["fraction_of_copy_bandwidth"]
+                                                             for r in result["neuron_stats"])  # fmt: skip
+    if result.get("scoring"):
+        out["scoring_over_plain_frozen"] = result["scoring"][0]["scoring_over_plain_frozen"]
+    if result.get("correctness"):
+        out["correctness_all_ok"] = all(r["ok"] for r in result["correctness"])
+    return out
+
+
+def _on_row(row: dict) -> None:
+    """Called with every measured row; main() points it at a save of the section file."""
 
 
 def environment(device: str) -> dict:
@@ -203,30 +286,60 @@ def environment(device: str) -> dict:
     }
 
 
+SECTIONS = ("correctness", "masked", "neuron_stats", "scoring", "merge")
+
+
+def run_section(section: str, device: str, dry: bool, reps: int) -> list[dict]:
+    if section == "correctness":
+        return correctness(device, dry)
+    if section == "masked":
+        return masked_lora(device, dry, reps)
+    if section == "neuron_stats":
+        return neuron_stats_rows(device, dry, reps)
+    result = scoring_pass(device, dry, reps)
+    _on_row(result)
+    return [result]
+
+
+def merge(out_dir: Path) -> dict:
+    """One JSON of every section file present, with the goal ratios on top."""
+    result: dict = {}
+    for section in SECTIONS[:-1]:
+        path = out_dir / f"h200-{section}.json"
+        if path.exists():
+            part = json.loads(path.read_text())
+            result.setdefault("environment", part["environment"])
+            result[section] = part["rows"]
+            if section == "masked":
+                result["linear_path_choices"] = part.get("linear_path_choices", [])
+    return {"goals": headline(result), **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("section", choices=SECTIONS)
+    parser.add_argument("--out-dir", type=Path, required=True, help="writes h200-<section>.json (merge: h200.json)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, any device: checks the script runs")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per point (ms)")
     args = parser.parse_args()
+    if args.section == "merge":
+        merged = merge(args.out_dir)
+        (args.out_dir / "h200.json").write_text(json.dumps(merged, indent=2) + "\n")
+        print(json.dumps(merged["goals"], indent=2))
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result: dict = {"dry_run": args.dry_run, **environment(device), "headline_case": {**HEADLINE, "tokens": 8192,
-                    "rank": 16, "dtype": "bfloat16"}}  # fmt: skip
+    rows: list[dict] = []
+    part = {"dry_run": args.dry_run, "environment": environment(device), "rows": rows}
+    path = args.out_dir / f"h200-{args.section}.json"
 
-    def save() -> None:  # after every section, so a timeout still leaves what was measured
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    def save(row: dict) -> None:  # after every row, so a timeout still leaves what was measured
+        rows.append(row)
+        part["linear_path_choices"] = linear_path_choices()
+        path.write_text(json.dumps(part, indent=2) + "\n")
 
-    result["ceilings"] = ceilings(device, args.dry_run, args.rep_ms)
-    save()
-    result["neuron_stats"] = neuron_stats_rows(device, args.dry_run, args.rep_ms,
-                                               result["ceilings"]["copy_bandwidth_gbs"])  # fmt: skip
-    save()
-    result["masked_lora_linear"] = masked_lora(device, args.dry_run, args.rep_ms)
-    result.update(headline(result))
-    save()
-    result["scoring_pass"] = scoring_pass(device, args.dry_run, args.rep_ms)
-    save()
-    print(json.dumps({k: result[k] for k in headline(result)}, indent=2))
+    global _on_row
+    _on_row = save
+    run_section(args.section, device, args.dry_run, args.rep_ms)
 
 
 if __name__ == "__main__":
