@@ -97,7 +97,7 @@ def masked_lora(device: str, dry: bool, reps: int) -> list[dict]:
     rows = []
     for name, n_in, n_out, side in linear_shapes(dry):
         baselines = {}
-        for density in DENSITIES if name in GOAL_SHAPES else (0.01,):
+        for density in DENSITIES if name in GOAL_SHAPES and not dry else (0.01,):
             case = LinearCase(n_in, n_out, side, density, 16, tokens, torch.bfloat16)
             ops = build_linear(case, device=device)
             if not baselines:
@@ -273,14 +273,13 @@ def _on_row(row: dict) -> None:
 
 
 def environment(device: str) -> dict:
-    import peft
-    import triton
+    from importlib.metadata import version
 
     return {
         "gpu": torch.cuda.get_device_name() if device == "cuda" else f"none ({platform.processor() or 'cpu'})",
         "torch": torch.__version__,
-        "triton": triton.__version__,
-        "peft": peft.__version__,
+        "triton": version("triton"),
+        "peft": version("peft"),
         "cuda": torch.version.cuda,
         "backend": backend(),
     }
@@ -317,20 +316,25 @@ def merge(out_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=SECTIONS)
+    parser.add_argument("sections", nargs="+", choices=SECTIONS, help="run in this order (run.sh: one per process)")
     parser.add_argument("--out-dir", type=Path, required=True, help="writes h200-<section>.json (merge: h200.json)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes, any device: checks the script runs")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per point (ms)")
     args = parser.parse_args()
-    if args.section == "merge":
-        merged = merge(args.out_dir)
-        (args.out_dir / "h200.json").write_text(json.dumps(merged, indent=2) + "\n")
+    for section in args.sections:
+        run_one(section, args.out_dir, args.dry_run, args.rep_ms)
+
+
+def run_one(section: str, out_dir: Path, dry: bool, reps: int) -> None:
+    if section == "merge":
+        merged = merge(out_dir)
+        (out_dir / "h200.json").write_text(json.dumps(merged, indent=2) + "\n")
         print(json.dumps(merged["goals"], indent=2))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows: list[dict] = []
-    part = {"dry_run": args.dry_run, "environment": environment(device), "rows": rows}
-    path = args.out_dir / f"h200-{args.section}.json"
+    part = {"dry_run": dry, "environment": environment(device), "rows": rows}
+    path = out_dir / f"h200-{section}.json"
 
     def save(row: dict) -> None:  # after every row, so a timeout still leaves what was measured
         rows.append(row)
@@ -339,7 +343,7 @@ def main() -> None:
 
     global _on_row
     _on_row = save
-    run_section(args.section, device, args.dry_run, args.rep_ms)
+    run_section(section, device, dry, reps)
 
 
 if __name__ == "__main__":
