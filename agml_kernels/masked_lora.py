@@ -194,7 +194,7 @@ def _linear_lowrank_kernel(
     stride_ym, stride_yn,
     scaling,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_POS: tl.constexpr, LAYOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -229,7 +229,7 @@ def _linear_lowrank_kernel(
         b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -256,7 +256,7 @@ def _linear_lowrank_kernel(
             u = u.to(tl.float32) * scaling
             if UPCAST:
                 lora = lora.to(tl.float32)
-            acc = tl.dot(u.to(lora.dtype), lora, acc)
+            acc = tl.dot(u.to(lora.dtype), lora, acc, input_precision=PRECISION)
 
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -332,9 +332,16 @@ def _linear_lowrank_triton(x2, w_kn, bias, u, lora_rc, pos, scaling) -> torch.Te
             y.stride(0), y.stride(1),
             float(scaling),
             HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_POS=pos is not None, LAYOUT=_layout(x2, w_kn),
-            UPCAST=_upcast(x2.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            PRECISION=_precision(x2.dtype), UPCAST=_upcast(x2.dtype), BLOCK_R=max(16, triton.next_power_of_2(rank)),
         )  # fmt: skip
     return y
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 operands: TF32 only where torch allows it for cuBLAS too (allow_tf32 / float32_matmul_precision)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agml_kernels import backend, masked_lora_linear, neuron_stats
+from agml_kernels import backend, masked_lora_linear, neuron_stats, prepare_masked_lora
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ("masked", "base", "peft", "dense_mask")
@@ -85,6 +85,8 @@ def build_linear(case: LinearCase, device: str = DEVICE, seed: int = 0) -> dict:
         "dense_a": dense_a,
         "dense_b": dense_b,
         "peft": peft_linear(weight, case.rank, scaling),
+        # Validated once with positions precomputed, as a layer does when it builds the adapter.
+        "plan": prepare_masked_lora(out_index, in_index, n_out, n_in),
     }
 
 
@@ -111,9 +113,8 @@ def linear_forward(impl: str, ops: dict) -> Callable[[], torch.Tensor]:
         return F.linear(x, ops["weight"]) + ops["scaling"] * lora
 
     forwards = {
-        "masked": lambda: masked_lora_linear(
-            x, ops["weight"], None, ops["lora_a"], ops["lora_b"], ops["scaling"], ops["out_index"], ops["in_index"]
-        ),
+        "masked": lambda: masked_lora_linear(x, ops["weight"], None, ops["lora_a"], ops["lora_b"], ops["scaling"],
+                                             **ops["plan"]),
         "base": lambda: F.linear(x, ops["weight"]),
         "peft": lambda: ops["peft"](x),
         "dense_mask": dense_mask,
