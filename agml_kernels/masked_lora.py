@@ -399,12 +399,17 @@ def _choose_path(kind: str, x2, w_kn, has_pos: bool, run_torch, run_triton) -> s
     key = (kind, torch.cuda.get_device_name(x2.device), _m_bucket(m), w_kn.shape[1], k, str(x2.dtype),
            _layout(x2, w_kn), has_pos)  # fmt: skip
     if key not in _PATH_CHOICES:
+        choice = {"kind": kind, "device": key[1], "m_bucket": key[2], "n": key[3], "k": key[4], "dtype": key[5],
+                  "layout": key[6], "has_pos": has_pos, "torch_ms": None, "triton_ms": None, "triton_error": None}
         with _device_guard(x2):
-            times = {"torch": _median_ms(run_torch), "triton": _median_ms(run_triton)}
-        _PATH_CHOICES[key] = {"kind": kind, "device": key[1], "m_bucket": key[2], "n": key[3], "k": key[4],
-                              "dtype": key[5], "layout": key[6], "has_pos": has_pos,
-                              "torch_ms": times["torch"], "triton_ms": times["triton"],
-                              "path": min(times, key=times.get)}  # fmt: skip
+            choice["torch_ms"] = _median_ms(run_torch)
+            try:  # a hedge: a Triton failure (compilation, resources) on a new GPU falls back to cuBLAS, recorded
+                choice["triton_ms"] = _median_ms(run_triton)
+            except Exception as err:  # noqa: BLE001
+                choice["triton_error"] = f"{type(err).__name__}: {err}"[:500]
+        faster = choice["triton_ms"] is not None and choice["triton_ms"] < choice["torch_ms"]
+        choice["path"] = "triton" if faster else "torch"
+        _PATH_CHOICES[key] = choice
     return _PATH_CHOICES[key]["path"]
 
 

@@ -154,17 +154,20 @@ def correctness(device: str, dry: bool) -> list[dict]:
             y64 = masked_lora_f64(**wide, out_index=plan["out_index"], in_index=plan["in_index"])
             grads64 = torch.autograd.grad(y64, [wide[k] for k in leaves], ops["grad_out"].double())
             for path in ("torch", "triton"):
+                row = {"shape": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "path": path,
+                       "tolerance": TOLERANCE[dtype]}  # fmt: skip
                 os.environ["AGML_LINEAR_PATH"] = path
                 try:
                     y = masked_lora_linear(**args, **plan)
                     grads = torch.autograd.grad(y, [args[k] for k in leaves], ops["grad_out"])
+                    errors = {"y": rel_err(y, y64), **{f"d{k}": rel_err(g, g64) for k, g, g64 in
+                                                        zip(leaves, grads, grads64, strict=True)}}  # fmt: skip
+                    row["ok"] = all(err < TOLERANCE[dtype] for err in errors.values())  # NaN fails too
+                    row["rel_err"] = errors
+                except Exception as err:  # noqa: BLE001 -- record it and go on to the next case
+                    row.update(ok=False, error=f"{type(err).__name__}: {err}"[:1000])
                 finally:
                     del os.environ["AGML_LINEAR_PATH"]
-                errors = {"y": rel_err(y, y64), **{f"d{k}": rel_err(g, g64) for k, g, g64 in
-                                                    zip(leaves, grads, grads64, strict=True)}}  # fmt: skip
-                ok = all(err < TOLERANCE[dtype] and err == err for err in errors.values())
-                row = {"shape": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "path": path,
-                       "tolerance": TOLERANCE[dtype], "ok": ok, "rel_err": errors}  # fmt: skip
                 rows.append(row)
                 _on_row(row)
                 print(json.dumps(row), flush=True)
