@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from agml import distributed
 from agml.architecture import mlp_modules
-from agml.data import IGNORE_INDEX, Example, PromptRecord, batches, build_example, pad_token_id
+from agml.data import Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
+from agml.logprobs import answer_logits, answer_positions  # noqa: F401  (answer_positions: public here too)
 from agml.tensor_files import read_tensor_file, write_tensor_file
 from agml_kernels import NeuronStats, neuron_stats
 
@@ -132,40 +133,17 @@ class NeuronScores:
 # --- the scoring pass -----------------------------------------------------------------------------------------
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Bool `(batch, seq)`: positions t whose next token t+1 is an answer token.
-
-    These are exactly the positions whose logits the loss reads, so their activations write the answer directly;
-    prompt positions only matter through attention and are mostly the chat template shared by forget and retain,
-    which would dilute the per-token averages without telling the two apart. The last answer token (it predicts
-    nothing that is scored) and padding (IGNORE_INDEX labels) never count, whichever side is padded.
-    """
-    predicts = labels[:, 1:] != IGNORE_INDEX
-    return F.pad(predicts, (0, 1), value=False)
-
-
 def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of answer-token NLL, answer_positions mask) for one collated batch on the model's device.
 
-    Position ids follow the attention mask, so left- and right-padded batches see the same positions. Logits
-    are computed only at sequence positions where some row predicts an answer token (the vocabulary projection
-    is a large share of a small model's compute and its output the largest activation).
+    The answer positions are exactly those whose logits the loss reads, so their activations write the answer
+    directly; prompt positions only matter through attention and are mostly the chat template shared by forget and
+    retain, which would dilute the per-token averages without telling the two apart. Logits come from
+    `agml.logprobs.answer_logits` (only answer positions are projected onto the vocabulary).
     """
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    positions = answer_positions(labels)
-    keep = positions.any(0).nonzero().squeeze(1)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        logits_to_keep=keep,
-    ).logits
-    kept = positions[:, keep]
-    targets = labels[:, keep + 1][kept]
-    loss = F.cross_entropy(logits[kept].float(), targets, reduction="sum")
-    return loss, positions
+    out = answer_logits(model, batch)
+    loss = F.cross_entropy(out.logits, out.targets, reduction="sum")
+    return loss, answer_positions(batch["labels"].to(out.logits.device))
 
 
 @contextmanager

@@ -28,16 +28,10 @@ from tqdm.auto import tqdm
 from agml import distributed
 from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
 from agml.errors import InputError
+from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
-from agml.objectives import (
-    Objective,
-    UnlearnBatch,
-    answer_logits,
-    base_answer_logits,
-    kl_per_token,
-    make_objective,
-    objective_parameters,
-)
+from agml.logprobs import answer_logits, base_answer_logits, kl_per_token
+from agml.objectives import Objective, UnlearnBatch, make_objective, objective_parameters
 
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_FORMAT = 1
@@ -198,11 +192,6 @@ def _reference_sequence_logprobs(model, examples: Sequence[Example], pad: int, b
 # --- validation ---------------------------------------------------------------------------------------------
 
 
-def _mentions(answer: str, terms: Sequence[str]) -> bool:
-    text = answer.lower()
-    return any(term.lower() in text for term in terms)
-
-
 class Validator:
     """Checks, on held-out forget prompts, whether the concept is forgotten and whether retain KL is within budget.
 
@@ -231,7 +220,7 @@ class Validator:
         if self.by_terms:
             answers = greedy_answers(self.model, self.tokenizer, [r.messages for r in self.by_terms],
                                      max_new_tokens=self.config.max_new_tokens_val, batch_size=self.config.batch_size)
-            passes += sum(not _mentions(a, r.forbidden) for a, r in zip(answers, self.by_terms, strict=True))
+            passes += sum(probe_passes(r, a) for a, r in zip(answers, self.by_terms, strict=True))
         if self.by_logprob:
             now = _mean_token_logprobs(self.model, self.by_logprob, self.pad, self.config.batch_size, base=False)
             passes += int(((self.base_logprobs - now) >= self.config.val_logprob_drop).sum())
