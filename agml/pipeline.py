@@ -151,7 +151,7 @@ def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) ->
 
 def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, work: Path, log):
     """Score and mask (ag-masked-lora) or plain LoRA on every layer (the baseline)."""
-    from agml.layers import apply_lora, apply_masked_lora
+    from agml.adapters import apply_lora, apply_masked_lora
 
     targets = ("gate_proj", "up_proj", "down_proj")
     if options.method == "lora":
@@ -196,7 +196,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     data = resolve_data(options)
 
     from agml.evaluation import evaluate
-    from agml.layers import export_baked, save_adapter
+    from agml.adapters import export_baked, save_adapter
     from agml.models import load_model
     from agml.reporting import write_report
     from agml.scoring import answer_records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from agml.io import atomic_write_text
 from agml.runs import write_json
 
 EXAMPLES_PER_TYPE = 5
@@ -120,7 +121,5 @@ def write_report(run: Path, options: dict, evaluation: dict, training, masks, pa
         plot_training(report["history"], plots / "training.png")
     plot_before_after(evaluation, plots / "before_after.png")
     write_json(Path(run) / "report.json", report)
-    tmp = Path(run) / "report.md.tmp"
-    tmp.write_text(render_markdown(report), encoding="utf-8")
-    tmp.replace(Path(run) / "report.md")
+    atomic_write_text(Path(run) / "report.md", render_markdown(report))
     return report

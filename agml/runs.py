@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agml.data import PromptRecord, load_prompts, save_prompts
 from agml.errors import InputError
+from agml.io import atomic_write_json
 
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -77,10 +78,7 @@ def package_versions() -> dict[str, str]:
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
 
 
 def write_config(run: Path, options: dict, concept: dict | None = None) -> dict:
@@ -125,7 +123,7 @@ class LoadedRun:
 
 def load_run(run: str | os.PathLike, device: str | None = None) -> LoadedRun:
     """Load the base model, attach the run's adapter and read the run's data."""
-    from agml.layers import load_adapter
+    from agml.adapters import load_adapter
     from agml.models import load_model
 
     run = Path(run)

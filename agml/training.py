@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from agml.data import Example, PromptRecord, build_example, collate, pad_token_i
 from agml.errors import InputError
 from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
+from agml.io import atomic_path, atomic_write_json
 from agml.logprobs import answer_logits, base_answer_logits, kl_per_token
 from agml.objectives import Objective, UnlearnBatch, make_objective, objective_parameters
 
@@ -256,12 +256,6 @@ def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Pa
     return params
 
 
-def _atomic_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
                     step: int, history: list[dict], config: TrainConfig, stopped_early: bool,
                     validation: dict | None) -> None:
@@ -278,14 +272,13 @@ def save_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]
             if torch.is_tensor(value):
                 tensors[f"optim.{key}::{name}"] = value.detach().cpu().contiguous()
     tensor_name = f"checkpoint-{step:06d}.safetensors"
-    tmp = directory / (tensor_name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / tensor_name)
-    _atomic_json({
+    with atomic_path(directory / tensor_name) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(directory / CHECKPOINT_JSON, {
         "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_name, "parameters": [n for n, _ in params],
         "config": dataclasses.asdict(config), "history": history, "stopped_early": stopped_early,
         "validation": validation,
-    }, directory / CHECKPOINT_JSON)
+    }, indent=1)
     for old in directory.glob("checkpoint-*.safetensors"):
         if old.name != tensor_name:
             old.unlink()
