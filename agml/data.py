@@ -150,6 +150,11 @@ def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> li
     return records
 
 
+def conversation_key(record: PromptRecord) -> tuple[tuple[str, str], ...]:
+    """The conversation as (role, content) pairs, lower-cased and whitespace-normalised: equal keys = same prompt."""
+    return tuple((m["role"], " ".join(m["content"].lower().split())) for m in record.messages)
+
+
 def save_prompts(records: Iterable[PromptRecord], path: str | os.PathLike) -> None:
     atomic_write_text(path, "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records))
 

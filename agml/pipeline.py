@@ -16,7 +16,7 @@ import torch
 
 from agml import distributed, runs
 from agml.architecture import mlp_dims
-from agml.data import PromptRecord, load_prompts
+from agml.data import PromptRecord, conversation_key, load_prompts
 from agml.errors import InputError
 from agml.masks import NeuronMasks
 
@@ -138,13 +138,9 @@ def _without_concept(retain: list[PromptRecord], terms: tuple[str, ...], log) ->
     return kept
 
 
-def _conversation_key(record: PromptRecord) -> tuple:
-    return tuple((m["role"], " ".join(m["content"].lower().split())) for m in record.messages)
-
-
 def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) -> None:
-    seen = {_conversation_key(r) for r in training}
-    leaked = [p.source for p in probes if _conversation_key(p) in seen]
+    seen = {conversation_key(r) for r in training}
+    leaked = [p.source for p in probes if conversation_key(p) in seen]
     if leaked:
         raise InputError(f"probe {leaked[0]} is also a training prompt; probes must be held out")
 
@@ -195,8 +191,8 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
         runs.check_output(options.out, force)
     data = resolve_data(options)
 
-    from agml.evaluation import evaluate
     from agml.adapters import export_baked, save_adapter
+    from agml.evaluation import evaluate
     from agml.models import load_model
     from agml.reporting import write_report
     from agml.scoring import answer_records
