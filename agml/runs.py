@@ -88,6 +88,20 @@ def write_config(run: Path, options: dict, concept: dict | None = None) -> dict:
     return config
 
 
+def resumable_options(run: str | os.PathLike):
+    """The options an interrupted run RUN was started with (from RUN.partial/config.json), for --resume."""
+    from agml.options import UnlearnOptions
+
+    path = partial_dir(run) / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"nothing to resume at {run}: {path} not found")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err.msg})") from err
+    return UnlearnOptions.from_dict(config.get("options", {}), where=str(path))
+
+
 def save_records(run: Path, name: str, records: list[PromptRecord]) -> None:
     (run / DATA_DIR).mkdir(exist_ok=True)
     save_prompts(records, run / DATA_DIR / f"{name}.jsonl")
