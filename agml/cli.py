@@ -259,7 +259,8 @@ def _eval_concept_terms(config: dict) -> tuple[str, ...]:
 
 def _cmd_eval(args) -> int:
     from agml import distributed, runs
-    from agml.evaluation import evaluate, format_summary
+    from agml.evaluation import evaluate
+    from agml.reporting import format_summary
 
     config, probes, forget = _eval_inputs(args)
     loaded = runs.load_run(args.run)

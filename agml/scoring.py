@@ -35,12 +35,10 @@ from agml.architecture import mlp_modules
 from agml.data import Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
 from agml.logprobs import answer_logits, answer_positions  # noqa: F401  (answer_positions: public here too)
+from agml.masks import SCORE_KINDS, SPLITS, STATISTICS, contrast, importance  # noqa: F401  (SCORE_KINDS: public here too)
 from agml.tensor_files import read_tensor_file, write_tensor_file
 from agml_kernels import NeuronStats, neuron_stats
 
-SPLITS = ("forget", "retain")
-STATISTICS = ("fisher", "saliency")
-SCORE_KINDS = ("fisher", "saliency", "combined")
 _FORMAT = "agml-neuron-scores"
 
 
@@ -79,32 +77,12 @@ class NeuronScores:
         return int(self.forget_fisher.shape[1])
 
     def importance(self, split: str, score: str = "fisher") -> torch.Tensor:
-        """Normalised per-token importance `(num_layers, intermediate)` of one split.
-
-        Two scales that say nothing about *which* neurons carry the concept are divided out, in this order:
-        1. the split's overall scale (its mean over all neurons): how surprising or long its answers are;
-        2. each layer's scale (the layer's mean neuron over both splits, after step 1): Fisher = sum g^2 depends
-           on how each layer's activations happen to be scaled (early layers of SmolLM2 hold ~100x the Fisher of
-           late ones), so raw values would rank neurons by layer, not by concept.
-        What stays: differences between neurons of a layer, and whether a layer as a whole matters more for the
-        forget set than for the retain set. "combined" averages normalised Fisher and saliency.
-        """
-        if split not in SPLITS:
-            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
-        if score not in SCORE_KINDS:
-            raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-        stats = STATISTICS if score == "combined" else (score,)
-        parts = []
-        for stat in stats:
-            by_split = {s: getattr(self, f"{s}_{stat}") for s in SPLITS}
-            by_split = {s: x / x.mean().clamp_min(1e-30) for s, x in by_split.items()}
-            layer_scale = (0.5 * (by_split["forget"] + by_split["retain"])).mean(1, keepdim=True).clamp_min(1e-30)
-            parts.append(by_split[split] / layer_scale)
-        return sum(parts) / len(parts)
+        """Normalised per-token importance of one split; see `agml.masks.importance`."""
+        return importance(self, split, score)
 
     def contrast(self, score: str = "fisher", retain_weight: float = 1.0) -> torch.Tensor:
-        """Concept specificity `forget - retain_weight * retain` of the normalised importances (see build_masks)."""
-        return self.importance("forget", score) - retain_weight * self.importance("retain", score)
+        """Concept specificity `forget - retain_weight * retain`; see `agml.masks.contrast`."""
+        return contrast(self, score, retain_weight)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write safetensors atomically (temporary file, then rename)."""

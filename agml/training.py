@@ -10,9 +10,7 @@ Checkpoints hold only tensors (safetensors) and scalars/history (JSON); nothing 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,23 +18,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agml import distributed
+from agml.checkpoints import load_checkpoint, save_checkpoint
 from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
 from agml.errors import InputError
 from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
-from agml.io import atomic_path, atomic_write_json
 from agml.logprobs import answer_logits, base_answer_logits, kl_per_token
 from agml.objectives import Objective, UnlearnBatch
 from agml.options import TrainOptions
 
-CHECKPOINT_JSON = "checkpoint.json"
-CHECKPOINT_FORMAT = 1
-# Config fields that may change between an interrupted run and its resumption without changing the trajectory.
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every"})
 _FORGET_STREAM, _RETAIN_STREAM, _SPLIT_STREAM, _STEP_STREAM = range(4)
 
 
@@ -181,7 +174,7 @@ class Validator:
         return total / tokens
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------
+# --- trainable parameters-----------------------------------------------------------------------------------------
 
 
 def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -189,80 +182,6 @@ def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Pa
     if not params:
         raise InputError("the model has no trainable LoRA parameters (attach an adapter first)")
     return params
-
-
-def save_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                    step: int, history: list[dict], config: TrainOptions, stopped_early: bool,
-                    validation: dict | None) -> None:
-    """Write adapter tensors and optimizer state (safetensors), then the JSON that points to them, both atomically.
-
-    The JSON is replaced last and older tensor files are removed after it, so a kill at any point leaves a
-    consistent checkpoint: either the previous one or the new one.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, param in params:
-        tensors[f"param::{name}"] = param.detach().cpu().contiguous()
-        for key, value in optimizer.state.get(param, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{key}::{name}"] = value.detach().cpu().contiguous()
-    tensor_name = f"checkpoint-{step:06d}.safetensors"
-    with atomic_path(directory / tensor_name) as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_json(directory / CHECKPOINT_JSON, {
-        "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_name, "parameters": [n for n, _ in params],
-        "config": dataclasses.asdict(config), "history": history, "stopped_early": stopped_early,
-        "validation": validation,
-    }, indent=1)
-    for old in directory.glob("checkpoint-*.safetensors"):
-        if old.name != tensor_name:
-            old.unlink()
-
-
-def _config_differences(saved: dict, config: TrainOptions) -> list[str]:
-    current = dataclasses.asdict(config)
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-
-
-def load_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                    config: TrainOptions) -> dict | None:
-    """Restore adapter tensors and optimizer state in place; returns the checkpoint's JSON, or None if there is none."""
-    meta_path = directory / CHECKPOINT_JSON
-    if not meta_path.exists():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / meta["tensors"]))
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"cannot read checkpoint in {directory}: {err}") from err
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"checkpoint in {directory} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    differences = _config_differences(meta["config"], config)
-    if differences:
-        raise InputError(f"cannot resume from {directory}: training options differ from the checkpoint's: "
-                         f"{', '.join(differences)}")
-    names = [n for n, _ in params]
-    if meta["parameters"] != names:
-        raise InputError(f"cannot resume from {directory}: its adapter parameters do not match this model's")
-    state = {}
-    for index, (name, param) in enumerate(params):
-        saved = tensors[f"param::{name}"]
-        if saved.shape != param.shape:
-            raise InputError(f"cannot resume from {directory}: {name} has shape {tuple(saved.shape)}, "
-                             f"the model has {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(saved)
-        prefix, suffix = "optim.", f"::{name}"
-        entries = {k[len(prefix):-len(suffix)]: v for k, v in tensors.items()
-                   if k.startswith(prefix) and k.endswith(suffix)}
-        if entries:
-            # Moment buffers follow the parameter's device/dtype; the step counter stays as saved.
-            state[index] = {k: v if v.dim() == 0 else v.to(param.device, param.dtype) for k, v in entries.items()}
-    optimizer_state = optimizer.state_dict()
-    optimizer_state["state"] = state
-    optimizer.load_state_dict(optimizer_state)
-    return meta
 
 
 # --- the loop -----------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from agml.errors import InputError
 from agml.evaluation import (
     cloze_example,
     evaluate,
-    format_summary,
     pass_rates,
     probe_passes,
     score_answers,
     text_fluency,
 )
+from agml.reporting import format_summary
 
 VOCAB = 49152
 
