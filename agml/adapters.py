@@ -22,11 +22,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from agml.architecture import MLP_PROJECTIONS, decoder_layers, mlp_dims
+from agml.architecture import MLP_PROJECTIONS, NeuronSite, mlp_dims, neuron_sites
 from agml.errors import AgmlError, InputError
 from agml.io import atomic_folder
 from agml.layers import (
-    _WRITES_NEURONS,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AGML_CONFIG,
@@ -50,11 +49,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 def _model_dims(model: nn.Module) -> tuple[int, int]:
     """(decoder layers, MLP intermediate size); works on models whose MLP Linears PEFT already wrapped."""
-    base = _base_model(model)
-    if not isinstance(model, PeftModel):
-        return mlp_dims(base)  # also checks the gate/up/down layout, with an error naming what it found
-    layers = decoder_layers(base)
-    return len(layers), _unwrap(layers[0].mlp.down_proj).in_features
+    return mlp_dims(_base_model(model))  # also checks the MLP layout, with an error naming what it found
 
 
 def _check_hyperparameters(r: int, alpha: float, targets: Sequence[str], dropout: float) -> None:
@@ -84,12 +79,13 @@ def _masked_targets(
 ) -> dict[str, tuple[nn.Module, IndexPair]]:
     """Qualified module name -> (module as found, (out_index, in_index)) for every masked projection."""
     names = _module_names(model)
-    layers = decoder_layers(_base_model(model))
+    sites = neuron_sites(_base_model(model))
     found = {}
     for layer, ids in masks.items():
+        site = sites[layer]
         for projection in targets:
-            module = getattr(layers[layer].mlp, projection)
-            pair = (ids, None) if projection in _WRITES_NEURONS else (None, ids)
+            module = site.projection(projection)
+            pair = (None, ids) if projection == site.reader else (site.rows(projection, ids), None)
             found[names[id(module)]] = (module, pair)
     return found
 
@@ -168,7 +164,7 @@ def apply_lora(
     _check_hyperparameters(r, alpha, targets, dropout)
     _model_dims(model)
     names = _module_names(model)
-    modules = [getattr(layer.mlp, name) for layer in decoder_layers(_base_model(model)) for name in targets]
+    modules = [site.projection(name) for site in neuron_sites(_base_model(model)) for name in targets]
     config = _lora_config(r, alpha, dropout, sorted(names[id(module)] for module in modules), model)
     return _add_peft_adapter(model, config, adapter_name)
 
@@ -185,16 +181,24 @@ def adapter_masks(peft_model: PeftModel, adapter_name: str = "default") -> Neuro
         raise InputError(f"the model has no adapter named {adapter_name!r}")
     num_layers, intermediate = _model_dims(peft_model)
     layers = {}
-    for index, layer in enumerate(decoder_layers(peft_model.get_base_model())):
-        for projection in MLP_PROJECTIONS:
-            module = getattr(layer.mlp, projection)
+    for site in neuron_sites(peft_model.get_base_model()):
+        for projection in site.projections:
+            module = site.projection(projection)
             if isinstance(module, MaskedLoraLinear) and adapter_name in module.lora_A:
                 out_index, in_index = module.neuron_index(adapter_name)
-                ids = out_index if projection in _WRITES_NEURONS else in_index
+                ids = in_index if projection == site.reader else _neurons_of_rows(site, projection, out_index)
                 if ids is not None:
-                    layers[index] = ids.cpu()
+                    layers[site.key] = ids.cpu()
                     break
     return NeuronMasks(layers, meta={"num_layers": num_layers, "intermediate_size": intermediate})
+
+
+def _neurons_of_rows(site: NeuronSite, projection: str, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """The neuron ids behind a writer's masked output rows (the first block of a fused projection)."""
+    if rows is None:
+        return None
+    offsets = [offset for writer, offset in site.writers if writer == projection]
+    return rows[: rows.numel() // len(offsets)] - offsets[0]
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

@@ -43,8 +43,6 @@ OUT_INDEX = "lora_out_index"
 IN_INDEX = "lora_in_index"
 # Attribute on a base nn.Linear holding {adapter name: (out_index, in_index)} while PEFT builds the adapter.
 _PENDING_INDEX = "_agml_pending_neuron_index"
-# Projections whose output neurons are the MLP intermediate neurons; the others read them.
-_WRITES_NEURONS = ("gate_proj", "up_proj")
 
 IndexPair = tuple[torch.Tensor | None, torch.Tensor | None]
 

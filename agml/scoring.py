@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from agml import distributed
-from agml.architecture import mlp_modules
+from agml.architecture import neuron_sites
 from agml.data import Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
 from agml.logprobs import answer_logits, answer_positions  # noqa: F401  (answer_positions: public here too)
@@ -173,21 +173,23 @@ def _recompute_source(acts: torch.Tensor) -> Callable[[], torch.Tensor] | None:
 
 
 class _NeuronStatsHooks:
-    """Forward pre-hooks on every down_proj that stream (activation, gradient, mask) into per-layer NeuronStats."""
+    """Forward pre-hooks on every site's reader (down_proj) that stream (activation, gradient, mask) into per-layer
+    NeuronStats; the reader's input is the MLP's neurons (`agml.architecture.neuron_sites`)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.mlps = mlp_modules(model)
-        self.intermediate = self.mlps[0].down_proj.in_features
+        sites = neuron_sites(model)
+        self.readers = [site.projection(site.reader) for site in sites]
+        self.intermediate = sites[0].width
         self.token_mask: torch.Tensor | None = None
         self.stats: list[NeuronStats] = []
         self._pending: dict[int, Callable[[], torch.Tensor]] = {}
         self._handles = []
 
     def __enter__(self) -> _NeuronStatsHooks:
-        device = next(self.mlps[0].down_proj.parameters()).device
-        self.stats = [NeuronStats.zeros(self.intermediate, device) for _ in self.mlps]
-        self._handles = [mlp.down_proj.register_forward_pre_hook(self._forward_hook(i)) for i, mlp in
-                         enumerate(self.mlps)]
+        device = next(self.readers[0].parameters()).device
+        self.stats = [NeuronStats.zeros(self.intermediate, device) for _ in self.readers]
+        self._handles = [reader.register_forward_pre_hook(self._forward_hook(i))
+                         for i, reader in enumerate(self.readers)]
         return self
 
     def __exit__(self, *exc) -> None:

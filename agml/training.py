@@ -174,7 +174,7 @@ class Validator:
         return total / tokens
 
 
-# --- trainable parameters-----------------------------------------------------------------------------------------
+# --- trainable parameters ---------------------------------------------------------------------------------
 
 
 def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
