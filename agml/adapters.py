@@ -110,11 +110,24 @@ def _lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]
 
 def _add_peft_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> PeftModel:
     if not isinstance(model, PeftModel):
-        return get_peft_model(model, config, adapter_name=adapter_name)
-    if adapter_name in model.peft_config:
+        model = get_peft_model(model, config, adapter_name=adapter_name)
+    elif adapter_name in model.peft_config:
         raise InputError(f"the model already has an adapter named {adapter_name!r}")
-    model.add_adapter(adapter_name, config)
+    else:
+        model.add_adapter(adapter_name, config)
+    _record_local_base(model, adapter_name)
     return model
+
+
+def _record_local_base(model: PeftModel, adapter_name: str) -> None:
+    """Point the adapter config's base model at the local folder `agml.models.load_model` read (if any).
+
+    PEFT looks up `base_model_name_or_path`'s config.json when saving; for the built-in alias it would ask the hub
+    (offline: misleading "Unable to fetch remote file" warnings). agml's own files keep the alias.
+    """
+    folder = getattr(model.get_base_model(), "agml_local_folder", None)
+    if folder:
+        model.peft_config[adapter_name].base_model_name_or_path = folder
 
 
 def _masked_config(config: LoraConfig) -> LoraConfig:

@@ -287,6 +287,9 @@ _SUBCOMMANDS.append(_add_eval_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agml.quiet import silence_known_library_noise
+
+    silence_known_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ:

@@ -222,8 +222,10 @@ def load_model(
         model = _loaded_on_main_only(source, name_or_path, local, torch_dtype, trust_remote_code)
     else:
         model = _pretrained(source, name_or_path, local, torch_dtype, trust_remote_code)
-    # PEFT records `model.name_or_path` as the adapter's base model: make it the name load_model understands.
+    # agml records `model.name_or_path` (the name load_model understands, e.g. the built-in alias); PEFT's adapter
+    # config records the local folder, where PEFT finds config.json without asking the hub (agml.adapters).
     model.config.name_or_path = model.name_or_path = recorded_id
+    model.agml_local_folder = str(Path(source).resolve()) if local else None
     if sharded:  # `accelerate launch --use_fsdp`: each process keeps 1/N of the frozen weights
         shard_model(model)
     else:

@@ -64,3 +64,19 @@ def test_fused_gate_up_projection_is_refused_by_name():
                                           [collate(random_examples(2, 1), PAD)], progress=False)):
         with pytest.raises(AgmlError, match="gate_up_proj"):
             attempt()
+
+
+def test_adapter_config_records_the_local_folder_not_the_alias(tmp_path):
+    import warnings
+
+    base = tiny_model("llama")
+    folder = tmp_path / "base"
+    base.save_pretrained(folder)
+    base.name_or_path = base.config.name_or_path = "some-built-in-alias"  # what load_model records for an alias
+    base.agml_local_folder = str(folder)
+    model = apply_masked_lora(base, MASKS, r=4, alpha=8)
+    assert model.peft_config["default"].base_model_name_or_path == str(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter(model, tmp_path / "adapter")
+    assert not [w for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
