@@ -1,8 +1,8 @@
 """Before/after evaluation of an unlearning adapter on held-out probes (`agml eval`).
 
 "Before" is the model with its adapter disabled (`model.disable_adapter()`), "after" the model with it active; both
-answer every probe greedily through the chat template. The result follows DESIGN.md's JSON shape and adds
-teacher-forced and fluency metrics:
+answer every probe greedily through the chat template. The result follows the JSON shape of docs/architecture.md
+("File formats") and adds teacher-forced and fluency metrics:
 
 * Pass rules (lowercase substring match, nothing else normalised, so a result is easy to predict by hand): a forget
   probe passes when its answer contains none of its `forbidden` strings; a retain probe passes when it contains at
@@ -42,7 +42,8 @@ _WORD = re.compile(r"\w+")
 
 
 def probe_passes(record: PromptRecord, answer: str) -> bool:
-    """DESIGN.md's rule: forget = no forbidden string in the answer; retain = at least one required string."""
+    """The one pass rule (docs/architecture.md): forget = no forbidden string in the answer; retain = at least one
+    required string. Training's validation uses it too."""
     text = answer.lower()
     if record.type == "forget":
         return not any(term.lower() in text for term in record.forbidden)
@@ -76,7 +77,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def score_answers(probes: Sequence[PromptRecord], before: Sequence[str], after: Sequence[str]) -> dict:
-    """The DESIGN.md part of the result: pass rates before/after and one entry per probe."""
+    """The contract part of the result (docs/architecture.md): pass rates before/after and one entry per probe."""
     before_pass = [probe_passes(p, a) for p, a in zip(probes, before, strict=True)]
     after_pass = [probe_passes(p, a) for p, a in zip(probes, after, strict=True)]
     entries = []
