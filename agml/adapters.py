@@ -243,6 +243,8 @@ def _agml_summary(peft_model: PeftModel, adapter_name: str) -> dict:
         "format": "agml-adapter",
         "version": 1,
         "method": "ag-masked-lora" if len(masks) else "lora",
+        # The name agml.models.load_model understands (e.g. the built-in alias); PEFT's config holds the folder.
+        "base_model": getattr(peft_model.get_base_model(), "name_or_path", None),
         "r": config.r,
         "alpha": config.lora_alpha,
         "dropout": config.lora_dropout,

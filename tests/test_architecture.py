@@ -80,3 +80,6 @@ def test_adapter_config_records_the_local_folder_not_the_alias(tmp_path):
         warnings.simplefilter("always")
         save_adapter(model, tmp_path / "adapter")
     assert not [w for w in caught if "config file" in str(w.message) or "remote file" in str(w.message)]
+    import json
+
+    assert json.loads((tmp_path / "adapter" / "agml_config.json").read_text())["base_model"] == "some-built-in-alias"
