@@ -1,7 +1,7 @@
 """agml: activation-guided masked LoRA unlearning for Hugging Face language models.
 
-The public functions of DESIGN.md are importable from here; they load lazily so that `agml --help` and the
-CLI's input checks stay fast.
+The public functions (docs/architecture.md, "Public contract") are importable from here; they load lazily so
+that `agml --help` and the CLI's input checks stay fast.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ _PUBLIC = {
     "NeuronScores": "agml.scoring",
     "build_masks": "agml.masks",
     "NeuronMasks": "agml.masks",
-    "apply_masked_lora": "agml.layers",
-    "apply_lora": "agml.layers",
-    "load_adapter": "agml.layers",
-    "save_adapter": "agml.layers",
-    "export_baked": "agml.layers",
+    "apply_masked_lora": "agml.adapters",
+    "apply_lora": "agml.adapters",
+    "load_adapter": "agml.adapters",
+    "save_adapter": "agml.adapters",
+    "export_baked": "agml.adapters",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -28,79 +28,82 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list = []
 
 
-def _add_model_arguments(p, default_model: str) -> None:
-    p.add_argument("--model", default=default_model, help="built-in alias, local folder, .gguf file or hub id")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: checkpoint's)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+# Settings `agml score` takes (the data, the model and how masks are built: the same as `agml unlearn`'s).
+SCORE_SETTINGS = ("concept", "aliases", "model", "dtype", "trust_remote_code", "forget", "retain", "neighbours",
+                  "answer_tokens", "density", "strategy", "score", "mask_retain_weight", "batch_size", "seed")
+
+
+def _add_option_flags(p, names) -> None:
+    """One flag per setting, with the type, choices, help and default of its field in `agml.options`.
+
+    Defaults stay out of the parsed namespace (argparse.SUPPRESS), so that only the flags given on the command
+    line override the settings of a --config file.
+    """
+    from agml.options import UnlearnOptions, leaf_fields
+
+    defaults = UnlearnOptions().to_dict()
+    fields = leaf_fields()
+    for name in names:
+        _, f = fields[name]
+        default = defaults[name]
+        shown = "" if default in (None, False, ()) or "default" in f.metadata["help"] else f" (default: {default})"
+        kwargs = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"] + shown}
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = str if default is None or f.metadata.get("csv") else type(default)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _settings_from_args(args, names) -> dict:
+    """{setting: value} of the --config file (if any) with the flags given on the command line on top."""
+    from agml.options import read_options_file
+
+    settings = read_options_file(args.config) if getattr(args, "config", None) else {}
+    for name in names:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            settings[name] = tuple(a.strip() for a in value.split(",") if a.strip()) if name == "aliases" else value
+    return settings
+
+
+def _unlearn_settings() -> list[str]:
+    from agml.options import leaf_fields
+
+    return [name for name, (_, f) in leaf_fields().items() if f.metadata.get("cli", True)]
 
 
 def _add_unlearn_parser(sub) -> None:
-    from agml.pipeline import METHODS, UnlearnOptions
-
-    defaults = UnlearnOptions(out="")
     p = sub.add_parser("unlearn", help="forget a concept: score neurons, train a masked LoRA, evaluate, report",
                        description="With no options: forget 'Inception' in the built-in SmolLM2-135M-Instruct.")
-    p.add_argument("--out", help="run folder to create (default runs/<concept>)")
+    p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file (a run's config.json "
+                                                   "works too); flags given here override it")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its last checkpoint")
-    p.add_argument("--concept", help="name of the concept to forget (forget set and probes from templates)")
-    p.add_argument("--aliases", default="", help="comma-separated other names of the concept")
-    _add_model_arguments(p, defaults.model)
-    p.add_argument("--forget", help="forget prompts (JSONL); overrides the built-in/template forget set")
-    p.add_argument("--retain", help="retain prompts (JSONL); replaces the built-in retain set")
-    p.add_argument("--neighbours", help="extra retain prompts (JSONL) added to the retain set")
-    p.add_argument("--probes", help="held-out probes (JSONL); never trained on")
-    p.add_argument("--masks", help="neuron masks from `agml score` (masks.safetensors) instead of scoring here")
-    p.add_argument("--method", choices=METHODS, default=defaults.method)
-    p.add_argument("--objective", default=defaults.objective, help="npo | refusal | gradient-difference")
-    p.add_argument("--density", type=float, default=defaults.density, help="fraction of all MLP neurons to adapt")
-    p.add_argument("--strategy", choices=["global", "per-layer"], default=defaults.strategy)
-    p.add_argument("--score", choices=["fisher", "saliency", "combined"], default=defaults.score)
-    p.add_argument("--rank", type=int, default=defaults.rank)
-    p.add_argument("--alpha", type=float, default=defaults.alpha)
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--retain-weight", type=float, default=defaults.retain_weight)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="probe answer length")
-    p.add_argument("--answer-tokens", type=int, default=defaults.answer_tokens,
-                   help="length of the base answers used as training targets")
-    p.add_argument("--early-stop", action="store_true",
-                   help="stop once held-out forget prompts pass and retain KL is within budget")
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                   help="steps between adapter checkpoints (for --resume)")
+    _add_option_flags(p, _unlearn_settings())
+    p.add_argument("--retain-weight", type=float, dest="legacy_retain_weight", metavar="W",
+                   help="deprecated name of --kl-weight")
     p.set_defaults(handler=_cmd_unlearn)
 
 
 def _unlearn_options(args):
-    import dataclasses
-    import json
     from pathlib import Path
 
     from agml import runs
-    from agml.errors import InputError
-    from agml.pipeline import UnlearnOptions
+    from agml.options import build_options
 
     if args.resume:
-        config = runs.partial_dir(args.resume) / runs.CONFIG_FILE
-        if not config.is_file():
-            raise InputError(f"nothing to resume at {args.resume}: {config} not found")
-        saved = json.loads(config.read_text(encoding="utf-8"))["options"]
-        fields = {f.name for f in dataclasses.fields(UnlearnOptions)}
-        saved = {k: (tuple(v) if k == "aliases" else v) for k, v in saved.items() if k in fields}
-        return UnlearnOptions(**saved)
-    concept = args.concept
-    out = args.out or str(Path("runs") / _slug(concept or "inception"))
-    return UnlearnOptions(
-        out=out, concept=concept, aliases=tuple(a for a in args.aliases.split(",") if a.strip()),
-        model=args.model, dtype=args.dtype, forget=args.forget, retain=args.retain, neighbours=args.neighbours,
-        probes=args.probes, masks=args.masks, method=args.method, objective=args.objective, density=args.density,
-        strategy=args.strategy, score=args.score, rank=args.rank, alpha=args.alpha, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, retain_weight=args.retain_weight, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens, early_stop=args.early_stop,
-        checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
-    )
+        return runs.resumable_options(args.resume)
+    settings = _settings_from_args(args, _unlearn_settings())
+    if args.legacy_retain_weight is not None:
+        print("agml unlearn: note: --retain-weight is now --kl-weight (the training KL weight); the mask contrast "
+              "weight is --mask-retain-weight", file=sys.stderr)
+        settings.setdefault("kl_weight", args.legacy_retain_weight)
+    if settings.get("out") is None:
+        settings["out"] = str(Path("runs") / _slug(settings.get("concept") or "inception"))
+    return build_options(settings)
 
 
 def _slug(name: str) -> str:
@@ -108,12 +111,10 @@ def _slug(name: str) -> str:
 
 
 def _cmd_unlearn(args) -> int:
+    from agml import distributed
     from agml.pipeline import run_unlearn
 
-    options = _unlearn_options(args)
-    from agml import distributed
-
-    run = run_unlearn(options, force=args.force, resume=bool(args.resume))
+    run = run_unlearn(_unlearn_options(args), force=args.force, resume=bool(args.resume))
     if distributed.is_main():
         print(f"run written to {run}; report: {run / 'report.md'}")
     return 0
@@ -155,82 +156,35 @@ _SUBCOMMANDS.append(_add_bench_parser)
 
 def _add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="score MLP neurons on forget vs retain answers and select the concept's neurons",
-                       description="With no data options: the built-in model and the built-in Inception sets.")
+                       description="With no data options: the built-in model and the built-in Inception sets. "
+                                   "Masks are built exactly as `agml unlearn` builds them with the same settings.")
     p.add_argument("--out", required=True, help="folder to create: scores.safetensors, masks.safetensors, plots/")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    _add_model_arguments(p, "smollm2-135m-instruct")
-    p.add_argument("--forget", help="forget prompts (JSONL; default: built-in Inception forget set)")
-    p.add_argument("--retain", help="retain prompts (JSONL; default: built-in Inception retain set)")
-    p.add_argument("--density", type=float, default=0.01, help="fraction of all MLP neurons to select, in (0, 1]")
-    p.add_argument("--strategy", choices=["global", "per-layer"], default="global")
-    p.add_argument("--score", choices=["fisher", "saliency", "combined"], default="combined")
-    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of retain importance in the contrast")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48, help="length of generated answers (records without one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file; flags given here override it")
+    _add_option_flags(p, SCORE_SETTINGS)
+    p.add_argument("--max-new-tokens", type=int, dest="answer_tokens", default=argparse.SUPPRESS,
+                   help="older name of --answer-tokens")
+    p.add_argument("--retain-weight", type=float, dest="legacy_retain_weight", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_score)
 
 
-def _score_inputs(args):
-    """Validate options and read the prompt sets (no model needed): (forget, retain) records."""
-    from agml import runs
-    from agml.data import load_prompts
+def _score_options(args):
     from agml.errors import InputError
+    from agml.options import build_options
 
-    if not 0.0 < args.density <= 1.0:
-        raise InputError(f"--density must be in (0, 1], got {args.density}")
-    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            raise InputError(f"{flag} must be >= 1, got {value}")
-    if args.retain_weight < 0:
-        raise InputError(f"--retain-weight must be >= 0, got {args.retain_weight}")
-    runs.check_output(args.out, args.force)
-    if args.forget is None or args.retain is None:
-        from agml.concepts import builtin_inception
-
-        builtin_forget, builtin_retain, _probes = builtin_inception()  # probes stay held out
-    forget = builtin_forget if args.forget is None else load_prompts(args.forget, default_type="forget")
-    retain = builtin_retain if args.retain is None else load_prompts(args.retain, default_type="retain")
-    for name, records, kind in (("--forget", forget, "forget"), ("--retain", retain, "retain")):
-        if not any(r.type == kind for r in records):
-            raise InputError(f"{name} holds no records of type {kind!r}")
-    return [r for r in forget if r.type == "forget"], [r for r in retain if r.type == "retain"]
+    if args.legacy_retain_weight is not None:
+        raise InputError("--retain-weight is gone from agml score: the mask contrast weight is --mask-retain-weight "
+                         "(the same setting `agml unlearn` builds its masks with)")
+    settings = _settings_from_args(args, SCORE_SETTINGS)
+    settings["out"] = args.out
+    options = build_options(settings)
+    return options
 
 
 def _cmd_score(args) -> int:
-    import time
-    from pathlib import Path
+    from agml.pipeline import run_score
 
-    import torch
-
-    from agml import distributed, runs
-    from agml.masks import build_masks
-    from agml.models import load_model
-    from agml.plots import plot_heatmap
-    from agml.scoring import answer_records, score_records
-
-    forget, retain = _score_inputs(args)
-    started = time.perf_counter()
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    forget = answer_records(model, tokenizer, forget, args.max_new_tokens, desc="forget answers")
-    retain = answer_records(model, tokenizer, retain, args.max_new_tokens, desc="retain answers")
-    scores = score_records(model, tokenizer, forget, retain, batch_size=args.batch_size)
-    masks = build_masks(scores, density=args.density, strategy=args.strategy, score=args.score,
-                        retain_weight=args.retain_weight)
-    if not distributed.is_main():  # under accelerate launch every process scored its shard; one writes
-        return 0
-    work = runs.start_run(args.out)
-    scores.save(work / "scores.safetensors")
-    masks.save(work / "masks.safetensors")
-    plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
-    out = runs.finish_run(work, args.out)
-    busiest = sorted(masks.items(), key=lambda item: (-item[1].numel(), item[0]))[:5]
-    print(f"scored {scores.forget_tokens} forget / {scores.retain_tokens} retain answer tokens over "
-          f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
-    print(f"selected {masks.total} neurons ({args.score}, {args.strategy}) in {len(masks)} layers; most in: "
-          + ", ".join(f"layer {layer}: {ids.numel()}" for layer, ids in busiest))
-    print(f"written to {Path(out)}: scores.safetensors, masks.safetensors, plots/heatmap.png")
+    run_score(_score_options(args), force=args.force)
     return 0
 
 
@@ -305,7 +259,8 @@ def _eval_concept_terms(config: dict) -> tuple[str, ...]:
 
 def _cmd_eval(args) -> int:
     from agml import distributed, runs
-    from agml.evaluation import evaluate, format_summary
+    from agml.evaluation import evaluate
+    from agml.reporting import format_summary
 
     config, probes, forget = _eval_inputs(args)
     loaded = runs.load_run(args.run)
@@ -332,6 +287,9 @@ _SUBCOMMANDS.append(_add_eval_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agml.quiet import silence_known_library_noise
+
+    silence_known_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if "WORLD_SIZE" in os.environ:

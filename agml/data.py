@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from agml.errors import InputError
+from agml.io import atomic_write_text
 
 IGNORE_INDEX = -100
 RECORD_TYPES = ("forget", "retain")
@@ -149,13 +150,13 @@ def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> li
     return records
 
 
+def conversation_key(record: PromptRecord) -> tuple[tuple[str, str], ...]:
+    """The conversation as (role, content) pairs, lower-cased and whitespace-normalised: equal keys = same prompt."""
+    return tuple((m["role"], " ".join(m["content"].lower().split())) for m in record.messages)
+
+
 def save_prompts(records: Iterable[PromptRecord], path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(record.to_json(), ensure_ascii=False) + "\n" for record in records))
 
 
 # --- chat templating -------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Before/after evaluation of an unlearning adapter on held-out probes (`agml eval`).
 
 "Before" is the model with its adapter disabled (`model.disable_adapter()`), "after" the model with it active; both
-answer every probe greedily through the chat template. The result follows DESIGN.md's JSON shape and adds
-teacher-forced and fluency metrics:
+answer every probe greedily through the chat template. The result follows the JSON shape of docs/architecture.md
+("File formats") and adds teacher-forced and fluency metrics:
 
 * Pass rules (lowercase substring match, nothing else normalised, so a result is easy to predict by hand): a forget
   probe passes when its answer contains none of its `forbidden` strings; a retain probe passes when it contains at
@@ -25,17 +25,14 @@ teacher-forced and fluency metrics:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
-import torch
-from tqdm.auto import tqdm
-
-from agml.data import IGNORE_INDEX, Example, PromptRecord, build_example, collate, pad_token_id, prompt_ids
+from agml.data import IGNORE_INDEX, Example, PromptRecord, build_example, pad_token_id, prompt_ids
 from agml.errors import InputError
 from agml.generation import greedy_answers
+from agml.logprobs import adapter_disabled, example_logprobs, mean_token_kl
 
 CLOZE_CATEGORY = "cloze"
 _WORD = re.compile(r"\w+")
@@ -45,7 +42,8 @@ _WORD = re.compile(r"\w+")
 
 
 def probe_passes(record: PromptRecord, answer: str) -> bool:
-    """DESIGN.md's rule: forget = no forbidden string in the answer; retain = at least one required string."""
+    """The one pass rule (docs/architecture.md): forget = no forbidden string in the answer; retain = at least one
+    required string. Training's validation uses it too."""
     text = answer.lower()
     if record.type == "forget":
         return not any(term.lower() in text for term in record.forbidden)
@@ -79,7 +77,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def score_answers(probes: Sequence[PromptRecord], before: Sequence[str], after: Sequence[str]) -> dict:
-    """The DESIGN.md part of the result: pass rates before/after and one entry per probe."""
+    """The contract part of the result (docs/architecture.md): pass rates before/after and one entry per probe."""
     before_pass = [probe_passes(p, a) for p, a in zip(probes, before, strict=True)]
     after_pass = [probe_passes(p, a) for p, a in zip(probes, after, strict=True)]
     entries = []
@@ -126,72 +124,8 @@ def text_fluency(answers: Sequence[str]) -> dict:
 # --- teacher-forced scoring ----------------------------------------------------------------------------------------
 
 
-def _base(model) -> contextlib.AbstractContextManager:
-    """The model with its adapter switched off (the base model, no second copy)."""
-    return model.disable_adapter()
-
-
-def _labelled_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-softmax (N, V) float32, target ids (N,), example row (N,)) at every labelled position of the batch.
-
-    The batch is left-padded, so the labelled tokens (answers) end every row and only the last positions need
-    logits: the LM head over a large vocabulary would otherwise cost more than the rest of the model.
-    """
-    device = next(model.parameters()).device
-    labels = batch["labels"].to(device)
-    mask = batch["attention_mask"].to(device)
-    width = labels.shape[1]
-    first = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
-    keep = min(width - first + 1, width)
-    logits = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # positions count real tokens only, as in generation
-        logits_to_keep=keep,
-    ).logits
-    targets = labels[:, width - keep + 1:]
-    labelled = targets != IGNORE_INDEX
-    rows = torch.arange(targets.shape[0], device=device)[:, None].expand_as(targets)[labelled]
-    return torch.log_softmax(logits[:, :-1][labelled].float(), dim=-1), targets[labelled], rows
-
-
-def _batched(examples: Sequence[Example], batch_size: int, tokenizer, desc: str, progress: bool) -> Iterator[tuple]:
-    """(start index, left-padded batch) over the examples."""
-    pad = pad_token_id(tokenizer)
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress or not examples, leave=False):
-        yield start, collate(examples[start:start + batch_size], pad, padding_side="left")
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model, tokenizer, examples: Sequence[Example], batch_size: int = 16, desc: str = "scoring", progress: bool = False
-) -> tuple[list[float], list[int]]:
-    """Per example: summed log-probability of its labelled tokens, and how many there are."""
-    totals = [0.0] * len(examples)
-    counts = [0] * len(examples)
-    for start, batch in _batched(examples, batch_size, tokenizer, desc, progress):
-        logprobs, targets, rows = _labelled_logprobs(model, batch)
-        picked = logprobs.gather(1, targets[:, None])[:, 0]
-        for row, value in zip(rows.tolist(), picked.tolist(), strict=True):
-            totals[start + row] += value
-            counts[start + row] += 1
-    return totals, counts
-
-
-@torch.no_grad()
-def mean_token_kl(
-    model, tokenizer, examples: Sequence[Example], batch_size: int = 16, progress: bool = False
-) -> float | None:
-    """KL(base || model) per labelled token, the base being the same model with its adapter disabled."""
-    total, tokens = 0.0, 0
-    for _, batch in _batched(examples, batch_size, tokenizer, "retain KL", progress):
-        with _base(model):
-            base_logprobs, _, _ = _labelled_logprobs(model, batch)
-        logprobs, _, _ = _labelled_logprobs(model, batch)
-        total += float((base_logprobs.exp() * (base_logprobs - logprobs)).sum())
-        tokens += base_logprobs.shape[0]
-    return total / tokens if tokens else None
+def _desc(label: str, progress: bool) -> str | None:
+    return label if progress else None
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -233,9 +167,10 @@ def _cloze_logprob(model, tokenizer, probes, before, concept_terms, batch_size, 
             example = cloze_example(tokenizer, probe, answer, concept_terms)
             if example is not None:
                 examples.append(example)
-    with _base(model):
-        base_totals, _ = sequence_logprobs(model, tokenizer, examples, batch_size, "cloze (before)", progress)
-    totals, _ = sequence_logprobs(model, tokenizer, examples, batch_size, "cloze (after)", progress)
+    pad = pad_token_id(tokenizer)
+    base_totals, _ = example_logprobs(model, examples, pad, batch_size, base=True,
+                                      desc=_desc("cloze (before)", progress))
+    totals, _ = example_logprobs(model, examples, pad, batch_size, desc=_desc("cloze (after)", progress))
     return {"before": _mean(base_totals), "after": _mean(totals), "n": len(examples)}
 
 
@@ -246,8 +181,8 @@ def _answer_examples(tokenizer, probes: Sequence[PromptRecord], answers: Sequenc
 def base_perplexity(model, tokenizer, probes, answers, batch_size: int = 16, progress: bool = False) -> float | None:
     """exp(mean NLL per answer token) of the answers under the base model (adapter disabled)."""
     examples = _answer_examples(tokenizer, probes, answers)
-    with _base(model):
-        totals, counts = sequence_logprobs(model, tokenizer, examples, batch_size, "perplexity", progress)
+    totals, counts = example_logprobs(model, examples, pad_token_id(tokenizer), batch_size, base=True,
+                                      desc=_desc("perplexity", progress))
     tokens = sum(counts)
     return math.exp(-sum(totals) / tokens) if tokens else None
 
@@ -271,14 +206,15 @@ def evaluate(
     def generate(desc: str) -> list[str]:
         return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size, desc if progress else None)
 
-    with _base(model):
+    with adapter_disabled(model):
         before = generate("answers (before)")
     after = generate("answers (after)")
     result = score_answers(probes, before, after)
     result["cloze_logprob"] = _cloze_logprob(model, tokenizer, probes, before, concept_terms, batch_size, progress)
     retain = [(p, a) for p, a in zip(probes, before, strict=True) if p.type == "retain"]
     retain_examples = _answer_examples(tokenizer, [p for p, _ in retain], [a for _, a in retain])
-    result["retain_kl"] = mean_token_kl(model, tokenizer, retain_examples, batch_size, progress)
+    result["retain_kl"] = mean_token_kl(model, retain_examples, pad_token_id(tokenizer), batch_size,
+                                        desc=_desc("retain KL", progress))
     result["fluency"] = {
         name: {
             **text_fluency(answers),
@@ -319,52 +255,3 @@ def summarise(result: dict) -> dict:
         "distinct_2_before": fluency["before"]["distinct_2"],
         "distinct_2_after": fluency["after"]["distinct_2"],
     }
-
-
-# --- printing -----------------------------------------------------------------------------------------------------
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _row(label: str, before, after, fmt: Callable[[float | None], str]) -> str:
-    return f"{label:<28}{fmt(before):>12}{fmt(after):>12}"
-
-
-def format_summary(result: dict) -> str:
-    """A compact before/after table for the terminal."""
-    lines = [f"{'':<28}{'before':>12}{'after':>12}"]
-    for kind in ("forget", "retain"):
-        n = result["before"][kind]["n"]
-        lines.append(_row(f"{kind} pass (n={n})", result["before"][kind]["pass_rate"],
-                          result["after"][kind]["pass_rate"], _percent))
-        categories = sorted(set(result["before"][kind]["by_category"]) | set(result["after"][kind]["by_category"]))
-        for category in categories:
-            lines.append(_row(f"  {category}", result["before"][kind]["by_category"].get(category),
-                              result["after"][kind]["by_category"].get(category), _percent))
-    cloze = result["cloze_logprob"]
-    lines.append(_row(f"cloze log p (n={cloze['n']})", cloze["before"], cloze["after"], _number))
-    for key, label in (("perplexity", "base perplexity of answers"), ("repetition_rate", "repetition rate"),
-                       ("distinct_2", "distinct-2"), ("answer_length", "answer length (words)")):
-        lines.append(_row(label, result["fluency"]["before"][key], result["fluency"]["after"][key], _number))
-    lines.append(f"{'retain KL (nats/token)':<28}{'':>12}{_number(result['retain_kl']):>12}")
-    if "relearn" in result:
-        lines.append(format_relearn(result["relearn"]))
-    return "\n".join(lines)
-
-
-def format_relearn(relearn: dict) -> str:
-    """The relearning attack's forget pass rates, before and after the attack."""
-    rates = relearn["forget_pass"]
-    return "\n".join([
-        f"relearning attack: {relearn['steps']} steps on {relearn['examples']} forget answers, lr {relearn['lr']:g}",
-        f"{'forget pass':<28}{'before':>12}{'after':>12}",
-        _row("  unlearned model", rates["unlearned_before_attack"], rates["unlearned_after_attack"],
-             _percent),
-        _row("  base model", rates["base_before_attack"], rates["base_after_attack"], _percent),
-    ])

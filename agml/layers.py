@@ -9,7 +9,8 @@ adapter bookkeeping (several adapters, `set_adapter`, `disable_adapter()`, merge
 
 The selected neuron ids live in persistent buffers named `lora_out_index` / `lora_in_index`
 (one entry per adapter), so they travel inside `adapter_model.safetensors`: a folder written
-by `save_adapter` or by PEFT's own `save_pretrained` is enough for `load_adapter`.
+by `save_adapter` or by PEFT's own `save_pretrained` is enough for `load_adapter`. Attaching,
+saving, loading and baking live in `agml.adapters`; their names stay importable from here.
 
 PEFT versions: PEFT 0.19 changed the LoRA layer API from one keyword per option
 (`Linear(base_layer, adapter_name, r=, lora_alpha=, lora_dropout=, init_lora_weights=, ...)`,
@@ -24,27 +25,14 @@ over, so the same class works with PEFT 0.17 and later (tested here with the ins
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from agml.architecture import MLP_PROJECTIONS, decoder_layers, mlp_dims
-from agml.errors import AgmlError, InputError
-from agml.masks import NeuronMasks
+from agml.errors import AgmlError
 from agml_kernels import masked_lora_linear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,8 +43,6 @@ OUT_INDEX = "lora_out_index"
 IN_INDEX = "lora_in_index"
 # Attribute on a base nn.Linear holding {adapter name: (out_index, in_index)} while PEFT builds the adapter.
 _PENDING_INDEX = "_agml_pending_neuron_index"
-# Projections whose output neurons are the MLP intermediate neurons; the others read them.
-_WRITES_NEURONS = ("gate_proj", "up_proj")
 
 IndexPair = tuple[torch.Tensor | None, torch.Tensor | None]
 
@@ -219,326 +205,16 @@ def _pending_indices(assignments: Mapping[nn.Linear, IndexPair], adapter_name: s
                 delattr(linear, _PENDING_INDEX)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+# Names that moved to agml.adapters stay importable from here; resolved lazily because adapters imports this module.
+_MOVED_TO_ADAPTERS = frozenset({
+    "apply_masked_lora", "apply_lora", "adapter_masks", "trainable_parameter_count", "save_adapter",
+    "export_baked", "load_adapter",
+})
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+def __getattr__(name: str):
+    if name in _MOVED_TO_ADAPTERS:
+        from agml import adapters
 
-
-def _model_dims(model: nn.Module) -> tuple[int, int]:
-    """(decoder layers, MLP intermediate size); works on models whose MLP Linears PEFT already wrapped."""
-    base = _base_model(model)
-    if not isinstance(model, PeftModel):
-        return mlp_dims(base)  # also checks the gate/up/down layout, with an error naming what it found
-    layers = decoder_layers(base)
-    return len(layers), _unwrap(layers[0].mlp.down_proj).in_features
-
-
-def _check_hyperparameters(r: int, alpha: float, targets: Sequence[str], dropout: float) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise InputError(f"LoRA rank r must be a positive integer, got {r!r}")
-    if not alpha > 0:
-        raise InputError(f"LoRA alpha must be positive, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise InputError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-    if isinstance(targets, str) or not targets:
-        raise InputError(f"targets must be a non-empty list of MLP projections, got {targets!r}")
-    unknown = [name for name in targets if name not in MLP_PROJECTIONS]
-    if unknown or len(set(targets)) != len(targets):
-        raise InputError(f"targets must be distinct names among {', '.join(MLP_PROJECTIONS)}; got {list(targets)}")
-
-
-def _module_names(model: nn.Module) -> dict[int, str]:
-    return {id(module): name for name, module in _base_model(model).named_modules()}
-
-
-def _task_type(model: nn.Module) -> str | None:
-    return "CAUSAL_LM" if hasattr(_base_model(model), "generate") else None
-
-
-def _masked_targets(
-    model: nn.Module, masks: NeuronMasks, targets: Sequence[str]
-) -> dict[str, tuple[nn.Module, IndexPair]]:
-    """Qualified module name -> (module as found, (out_index, in_index)) for every masked projection."""
-    names = _module_names(model)
-    layers = decoder_layers(_base_model(model))
-    found = {}
-    for layer, ids in masks.items():
-        for projection in targets:
-            module = getattr(layers[layer].mlp, projection)
-            pair = (ids, None) if projection in _WRITES_NEURONS else (None, ids)
-            found[names[id(module)]] = (module, pair)
-    return found
-
-
-def _refuse_plain_lora(modules: Mapping[str, nn.Module]) -> None:
-    """PEFT would extend a plain LoRA layer with a full-size adapter, silently ignoring the mask."""
-    for name, module in modules.items():
-        if isinstance(module, LoraLayer) and not isinstance(module, MaskedLoraLinear):
-            raise AgmlError(f"{name} already holds a plain PEFT LoRA adapter; a masked adapter cannot share it")
-
-
-def _lora_config(r: int, alpha: float, dropout: float, target_modules: list[str], model: nn.Module) -> LoraConfig:
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        bias="none",
-        task_type=_task_type(model),
-    )
-
-
-def _add_peft_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> PeftModel:
-    if not isinstance(model, PeftModel):
-        return get_peft_model(model, config, adapter_name=adapter_name)
-    if adapter_name in model.peft_config:
-        raise InputError(f"the model already has an adapter named {adapter_name!r}")
-    model.add_adapter(adapter_name, config)
-    return model
-
-
-def _masked_config(config: LoraConfig) -> LoraConfig:
-    config._register_custom_module({nn.Linear: MaskedLoraLinear})
-    return config
-
-
-def apply_masked_lora(
-    model: nn.Module,
-    masks: NeuronMasks,
-    r: int = 8,
-    alpha: float = 16,
-    targets: Sequence[str] = ("gate_proj", "up_proj", "down_proj"),
-    dropout: float = 0.0,
-    adapter_name: str = "default",
-) -> PeftModel:
-    """Add a masked LoRA adapter on the MLP projections of the layers `masks` selects neurons in.
-
-    A plain model becomes a `PeftModel` with this adapter active. On a `PeftModel` the adapter is
-    added next to the others and, as with `PeftModel.add_adapter`, the active adapter is unchanged:
-    call `set_adapter(adapter_name)` to use it. The base weights are never modified.
-    """
-    _check_hyperparameters(r, alpha, targets, dropout)
-    if not isinstance(masks, Mapping):
-        raise InputError(f"masks must be a NeuronMasks (layer -> neuron ids), got {type(masks).__name__}")
-    masks = masks if isinstance(masks, NeuronMasks) else NeuronMasks(masks)
-    num_layers, intermediate = _model_dims(model)
-    masks.validate_for(num_layers, intermediate)
-    if not len(masks):
-        raise InputError("the mask selects no neuron in any layer: there is nothing to adapt")
-    found = _masked_targets(model, masks, targets)
-    _refuse_plain_lora({name: module for name, (module, _) in found.items()})
-    config = _masked_config(_lora_config(r, alpha, dropout, sorted(found), model))
-    with _pending_indices({_unwrap(module): pair for module, pair in found.values()}, adapter_name):
-        return _add_peft_adapter(model, config, adapter_name)
-
-
-def apply_lora(
-    model: nn.Module,
-    r: int = 8,
-    alpha: float = 16,
-    targets: Sequence[str] = ("gate_proj", "up_proj", "down_proj"),
-    dropout: float = 0.0,
-    adapter_name: str = "default",
-) -> PeftModel:
-    """Plain PEFT LoRA on `targets` of every decoder layer's MLP: the unmasked baseline (`--method lora`)."""
-    _check_hyperparameters(r, alpha, targets, dropout)
-    _model_dims(model)
-    names = _module_names(model)
-    modules = [getattr(layer.mlp, name) for layer in decoder_layers(_base_model(model)) for name in targets]
-    config = _lora_config(r, alpha, dropout, sorted(names[id(module)] for module in modules), model)
-    return _add_peft_adapter(model, config, adapter_name)
-
-
-def _masked_layers(peft_model: nn.Module, adapter_name: str) -> Iterator[tuple[str, MaskedLoraLinear]]:
-    for name, module in peft_model.named_modules():
-        if isinstance(module, MaskedLoraLinear) and adapter_name in module.lora_A:
-            yield name, module
-
-
-def adapter_masks(peft_model: PeftModel, adapter_name: str = "default") -> NeuronMasks:
-    """The neurons a masked adapter may touch, per decoder layer (empty for a plain LoRA adapter)."""
-    if adapter_name not in peft_model.peft_config:
-        raise InputError(f"the model has no adapter named {adapter_name!r}")
-    num_layers, intermediate = _model_dims(peft_model)
-    layers = {}
-    for index, layer in enumerate(decoder_layers(peft_model.get_base_model())):
-        for projection in MLP_PROJECTIONS:
-            module = getattr(layer.mlp, projection)
-            if isinstance(module, MaskedLoraLinear) and adapter_name in module.lora_A:
-                out_index, in_index = module.neuron_index(adapter_name)
-                ids = out_index if projection in _WRITES_NEURONS else in_index
-                if ids is not None:
-                    layers[index] = ids.cpu()
-                    break
-    return NeuronMasks(layers, meta={"num_layers": num_layers, "intermediate_size": intermediate})
-
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    """Number of scalar parameters that require grad."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@contextlib.contextmanager
-def _atomic_folder(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces `path` once the block succeeds."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise InputError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield staging
-        if path.is_dir() and any(path.iterdir()):
-            # A folder cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
-def _write_adapter_folder(folder: Path, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> None:
-    config = copy.copy(config)
-    config.inference_mode = True
-    config.save_pretrained(str(folder))
-    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def _check_adapter(peft_model: PeftModel, adapter_name: str) -> None:
-    if not isinstance(peft_model, PeftModel):
-        raise InputError(f"expected a PeftModel, got {type(peft_model).__name__}")
-    if adapter_name not in peft_model.peft_config:
-        raise InputError(f"the model has no adapter named {adapter_name!r} (it has {list(peft_model.peft_config)})")
-
-
-def _agml_summary(peft_model: PeftModel, adapter_name: str) -> dict:
-    config = peft_model.peft_config[adapter_name]
-    masks = adapter_masks(peft_model, adapter_name)
-    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
-    projections = sorted({name.rsplit(".", 1)[-1] for name in targets})
-    return {
-        "format": "agml-adapter",
-        "version": 1,
-        "method": "ag-masked-lora" if len(masks) else "lora",
-        "r": config.r,
-        "alpha": config.lora_alpha,
-        "dropout": config.lora_dropout,
-        "targets": projections,
-        "neurons_per_layer": {str(layer): int(ids.numel()) for layer, ids in masks.items()},
-        "total_neurons": masks.total,
-        "note": "neuron ids are stored in adapter_model.safetensors (lora_out_index / lora_in_index)",
-    }
-
-
-def save_adapter(
-    peft_model: PeftModel, path: str | os.PathLike, adapter_name: str = "default", overwrite: bool = False
-) -> Path:
-    """Write one adapter as a PEFT folder (config, safetensors with the neuron ids, agml_config.json), atomically."""
-    _check_adapter(peft_model, adapter_name)
-    tensors = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    summary = _agml_summary(peft_model, adapter_name)
-    with _atomic_folder(path, overwrite) as staging:
-        _write_adapter_folder(staging, peft_model.peft_config[adapter_name], tensors)
-        (staging / AGML_CONFIG).write_text(json.dumps(summary, indent=2) + "\n")
-    return Path(path)
-
-
-def export_baked(
-    peft_model: PeftModel, path: str | os.PathLike, adapter_name: str = "default", overwrite: bool = False
-) -> Path:
-    """Write a plain PEFT LoRA folder (zeros outside the mask) that loads without agml, atomically."""
-    _check_adapter(peft_model, adapter_name)
-    tensors = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    tensors = {key: value for key, value in tensors.items() if not key.endswith((OUT_INDEX, IN_INDEX))}
-    for name, module in _masked_layers(peft_model, adapter_name):
-        lora_a, lora_b = module.dense_factors(adapter_name)
-        for key, dense in ((f"{name}.lora_A.weight", lora_a), (f"{name}.lora_B.weight", lora_b)):
-            if key not in tensors:
-                raise AgmlError(f"PEFT state dict lacks {key}; this PEFT version names adapter weights differently")
-            tensors[key] = dense
-    with _atomic_folder(path, overwrite) as staging:
-        _write_adapter_folder(staging, peft_model.peft_config[adapter_name], tensors)
-    return Path(path)
-
-
-def _checked_index(ids: torch.Tensor, size: int, where: str) -> torch.Tensor:
-    ids = ids.to(torch.int64).reshape(-1)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-        raise InputError(f"{where}: neuron ids outside [0, {size})")
-    if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
-        raise InputError(f"{where}: neuron ids must be sorted and unique")
-    return ids
-
-
-def _saved_indices(model: nn.Module, tensors: Mapping[str, torch.Tensor], folder: Path) -> dict[nn.Linear, IndexPair]:
-    """Base Linear -> (out_index, in_index) from the index buffers of a saved adapter."""
-    modules = dict(_base_model(model).named_modules())
-    pairs: dict[nn.Linear, list] = {}
-    for key, ids in tensors.items():
-        module_key, _, store = key.rpartition(".")
-        if store not in (OUT_INDEX, IN_INDEX):
-            continue
-        module_name = module_key.removeprefix(PEFT_PREFIX)
-        if module_name not in modules:
-            raise InputError(f"{folder}: the adapter targets {module_name}, which {type(model).__name__} lacks")
-        _refuse_plain_lora({module_name: modules[module_name]})
-        linear = _unwrap(modules[module_name])
-        size = linear.out_features if store == OUT_INDEX else linear.in_features
-        pair = pairs.setdefault(linear, [None, None])
-        pair[0 if store == OUT_INDEX else 1] = _checked_index(ids, size, f"{folder}: {key}")
-    return {linear: (pair[0], pair[1]) for linear, pair in pairs.items()}
-
-
-def load_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-) -> PeftModel:
-    """Load a folder written by `save_adapter`, `export_baked` or PEFT's `save_pretrained` onto `model`.
-
-    `model` is a plain transformers model (it becomes a PeftModel) or a PeftModel (the adapter is
-    added, not activated). Masked layers are rebuilt from the neuron ids saved with the weights.
-    """
-    folder = Path(path)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise InputError(f"{folder} is not an adapter folder: {name} is missing")
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (ValueError, OSError, TypeError, KeyError) as err:
-        raise InputError(f"{folder}: cannot read the adapter: {err}") from err
-    if not isinstance(config, LoraConfig):
-        raise InputError(f"{folder} holds a {config.peft_type} adapter; agml loads LoRA adapters only")
-    _model_dims(model)
-    if isinstance(model, PeftModel) and adapter_name in model.peft_config:
-        raise InputError(f"the model already has an adapter named {adapter_name!r}")
-    indices = _saved_indices(model, tensors, folder)
-    config.inference_mode = not is_trainable
-    if indices:
-        _masked_config(config)
-    with _pending_indices(indices, adapter_name):
-        if not isinstance(model, PeftModel):
-            return PeftModel.from_pretrained(
-                model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=config
-            )
-        model.add_adapter(adapter_name, config)
-    model.load_adapter(str(folder), adapter_name, is_trainable=is_trainable)
-    _set_adapter_trainable(model, adapter_name, is_trainable)
-    return model
-
-
-def _set_adapter_trainable(model: PeftModel, adapter_name: str, trainable: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for store in (module.lora_A, module.lora_B):
-                if adapter_name in store:
-                    store[adapter_name].requires_grad_(trainable)
+        return getattr(adapters, name)
+    raise AttributeError(f"module 'agml.layers' has no attribute {name!r}")

@@ -12,6 +12,42 @@ from agml.errors import AgmlError, InputError
 from agml.tensor_files import read_tensor_file, write_tensor_file
 
 _FORMAT = "agml-neuron-masks"
+SPLITS = ("forget", "retain")
+STATISTICS = ("fisher", "saliency")
+SCORE_KINDS = ("fisher", "saliency", "combined")
+
+
+# --- selection maths: normalised importance and the forget/retain contrast -----------------------------------
+
+
+def importance(scores, split: str, score: str = "fisher") -> torch.Tensor:
+    """Normalised per-token importance `(num_layers, intermediate)` of one split of `agml.scoring.NeuronScores`.
+
+    Two scales that say nothing about *which* neurons carry the concept are divided out, in this order:
+    1. the split's overall scale (its mean over all neurons): how surprising or long its answers are;
+    2. each layer's scale (the layer's mean neuron over both splits, after step 1): Fisher = sum g^2 depends
+       on how each layer's activations happen to be scaled (early layers of SmolLM2 hold ~100x the Fisher of
+       late ones), so raw values would rank neurons by layer, not by concept.
+    What stays: differences between neurons of a layer, and whether a layer as a whole matters more for the
+    forget set than for the retain set. "combined" averages normalised Fisher and saliency.
+    """
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+    if score not in SCORE_KINDS:
+        raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
+    stats = STATISTICS if score == "combined" else (score,)
+    parts = []
+    for stat in stats:
+        by_split = {s: getattr(scores, f"{s}_{stat}") for s in SPLITS}
+        by_split = {s: x / x.mean().clamp_min(1e-30) for s, x in by_split.items()}
+        layer_scale = (0.5 * (by_split["forget"] + by_split["retain"])).mean(1, keepdim=True).clamp_min(1e-30)
+        parts.append(by_split[split] / layer_scale)
+    return sum(parts) / len(parts)
+
+
+def contrast(scores, score: str = "fisher", retain_weight: float = 1.0) -> torch.Tensor:
+    """Concept specificity `forget - retain_weight * retain` of the normalised importances (see build_masks)."""
+    return importance(scores, "forget", score) - retain_weight * importance(scores, "retain", score)
 
 
 def _as_index(layer: int, ids) -> torch.Tensor:
@@ -154,18 +190,18 @@ def build_masks(
     if not allowed or allowed[0] < 0 or allowed[-1] >= num_layers:
         raise InputError(f"layers must name decoder layers in 0..{num_layers - 1}, got {allowed}")
 
-    contrast = scores.contrast(score, retain_weight)
-    eligible = contrast > 0  # also drops NaN
+    specificity = contrast(scores, score, retain_weight)
+    eligible = specificity > 0  # also drops NaN
     layer_allowed = torch.zeros(num_layers, dtype=torch.bool)
     layer_allowed[allowed] = True
     eligible &= layer_allowed[:, None]
     if outlier_quantile is not None and outlier_quantile < 1.0:
-        retain = scores.importance("retain", score)
+        retain = importance(scores, "retain", score)
         eligible &= retain <= torch.quantile(retain.flatten().double(), outlier_quantile).float()
 
     budget = max(1, round(float(density) * num_layers * width))
-    # Stable sort of -contrast over the flattened (layer, neuron) order: ties keep (layer, neuron) ascending.
-    flat = torch.where(eligible, contrast, torch.tensor(float("-inf"))).flatten()
+    # Stable sort of -specificity over the flattened (layer, neuron) order: ties keep (layer, neuron) ascending.
+    flat = torch.where(eligible, specificity, torch.tensor(float("-inf"))).flatten()
     order = torch.sort(-flat, stable=True).indices[: int(eligible.sum())]
     if strategy == "global":
         quota = {layer: budget for layer in allowed}

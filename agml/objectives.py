@@ -8,15 +8,13 @@ The retain term is KL(base || model) per answer token of the retain batch, teach
 answers. The base distribution comes from the SAME model with its adapter disabled (`model.disable_adapter()` under
 `torch.no_grad()`), never from a second copy of the model: a fresh LoRA adapter (B = 0) therefore starts at KL = 0.
 
-Only the positions that predict an answer token are projected onto the vocabulary (`logits_to_keep` with a boolean
-mask on Llama/Qwen2-style models), which saves most of the `lm_head` work and memory for large vocabularies.
+Answer logits, log-probabilities and the KL come from `agml.logprobs` (the one place they are computed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,8 +22,15 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from agml.data import IGNORE_INDEX, PromptRecord
+from agml.data import PromptRecord
 from agml.errors import InputError
+from agml.logprobs import (  # noqa: F401  (re-exported: the objectives' public vocabulary)
+    AnswerLogits,
+    answer_logits,
+    base_answer_logits,
+    kl_per_token,
+    sequence_logprobs,
+)
 
 # Natural, varied ways to decline. None of them names the concept, so the refusal objective cannot leak it.
 REFUSAL_TEMPLATES: tuple[str, ...] = (
@@ -46,90 +51,15 @@ REFUSAL_TEMPLATES: tuple[str, ...] = (
 )
 
 
-# --- log-probabilities at answer positions -------------------------------------------------------------------
-
-
-@dataclass
-class AnswerLogits:
-    """Float32 logits at every position that predicts an answer token, flattened over the batch."""
-
-    logits: torch.Tensor  # (N, vocab)
-    targets: torch.Tensor  # (N,) the answer token each position predicts
-    rows: torch.Tensor  # (N,) batch row of each position
-    batch_size: int
-
-    def token_logprobs(self) -> torch.Tensor:
-        """log p(target) per answer token, (N,)."""
-        return torch.log_softmax(self.logits, dim=-1).gather(-1, self.targets[:, None]).squeeze(-1)
-
-    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum per-token `values` (N,) into per-row totals (batch,)."""
-        return torch.zeros(self.batch_size, dtype=values.dtype, device=values.device).index_add(0, self.rows, values)
-
-
-def _base_of(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(_base_of(model).forward).parameters
-
-
-def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
-    """Run `model` on a collated batch and return the logits that predict its labelled (answer) tokens."""
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    # Position t predicts token t + 1; the last position predicts nothing.
-    predicts = torch.zeros_like(labels, dtype=torch.bool)
-    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    if not predicts.any():
-        raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
-    # Correct positions under left padding too (pads are masked out of attention either way).
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
-    if _supports_logits_to_keep(model):
-        logits = model(**kwargs, logits_to_keep=predicts).logits
-        if logits.dim() == 3:  # a model that keeps the batch axis: index it ourselves
-            logits = logits[predicts]
-    else:
-        logits = model(**kwargs).logits[predicts]
-    targets = labels[:, 1:][predicts[:, :-1]]
-    rows = predicts.nonzero()[:, 0]
-    return AnswerLogits(logits.float(), targets, rows, labels.shape[0])
-
-
 def _require_adapter(model: torch.nn.Module) -> None:
     if not hasattr(model, "disable_adapter"):
         raise InputError("unlearning objectives need a PEFT model (the base comes from model.disable_adapter())")
-
-
-def base_answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
-    """`answer_logits` of the base model: the same model with its adapter disabled, without gradients."""
-    _require_adapter(model)
-    with torch.no_grad(), model.disable_adapter():
-        return answer_logits(model, batch)
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probability of each row's answer, (batch,)."""
-    out = answer_logits(model, batch)
-    return out.per_sequence_sum(out.token_logprobs())
 
 
 def reference_sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """`sequence_logprobs` of the base model (adapter disabled, no gradients)."""
     out = base_answer_logits(model, batch)
     return out.per_sequence_sum(out.token_logprobs())
-
-
-def kl_per_token(base: AnswerLogits, current: AnswerLogits) -> torch.Tensor:
-    """Mean over answer tokens of KL(base || current) = sum_v p_base (log p_base - log p_current)."""
-    base_logp = torch.log_softmax(base.logits, dim=-1)
-    current_logp = torch.log_softmax(current.logits, dim=-1)
-    return F.kl_div(current_logp, base_logp, log_target=True, reduction="batchmean")
 
 
 def retain_kl(model: torch.nn.Module, retain_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, AnswerLogits]:

@@ -1,7 +1,9 @@
-"""The main job, `agml unlearn`: prompts -> answers -> scores -> masks -> masked LoRA -> training -> report.
+"""The jobs: `agml unlearn` (prompts -> answers -> scores -> masks -> masked LoRA -> training -> report) and
+`agml score` (prompts -> answers -> scores -> masks), which build masks the same way from the same answers.
 
-Everything that can be checked is checked in `resolve_data`/`UnlearnOptions.validate` before the model is
-loaded; all output goes to RUN.partial and is renamed to RUN only when the run is complete.
+Everything that can be checked is checked by the options themselves (`agml.options`), `check_inputs` and
+`resolve_data` before the model is loaded; all output goes to RUN.partial and is renamed to RUN only when the run is
+complete. See docs/architecture.md ("Pipeline").
 """
 
 from __future__ import annotations
@@ -9,73 +11,27 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from agml import distributed, runs
 from agml.architecture import mlp_dims
-from agml.data import PromptRecord, load_prompts
+from agml.data import PromptRecord, conversation_key, load_prompts
 from agml.errors import InputError
 from agml.masks import NeuronMasks
+from agml.options import UnlearnOptions
 
-METHODS = ("ag-masked-lora", "lora")
 BUILTIN_DEMO = "Inception"
 
 
-@dataclass
-class UnlearnOptions:
-    """Every option of `agml unlearn`; recorded in RUN/config.json."""
-
-    out: str
-    concept: str | None = None
-    aliases: tuple[str, ...] = ()
-    model: str = "smollm2-135m-instruct"
-    dtype: str | None = None
-    forget: str | None = None
-    retain: str | None = None
-    neighbours: str | None = None
-    probes: str | None = None
-    masks: str | None = None
-    method: str = "ag-masked-lora"
-    objective: str = "refusal"
-    density: float = 0.01
-    strategy: str = "global"
-    score: str = "combined"
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 30
-    batch_size: int = 4
-    lr: float = 2e-3
-    retain_weight: float = 30.0
-    seed: int = 0
-    max_new_tokens: int = 64
-    answer_tokens: int = 32
-    early_stop: bool = False
-    checkpoint_every: int = 10
-    trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"--method must be one of {list(METHODS)}, got {self.method!r}")
-        if not 0.0 < self.density <= 1.0:
-            raise InputError(f"--density must be in (0, 1], got {self.density}")
-        checks = {"--rank": self.rank, "--steps": self.steps, "--batch-size": self.batch_size,
-                  "--max-new-tokens": self.max_new_tokens, "--answer-tokens": self.answer_tokens,
-                  "--checkpoint-every": self.checkpoint_every}
-        for flag, value in checks.items():
-            if value < 1:
-                raise InputError(f"{flag} must be >= 1, got {value}")
-        if self.lr <= 0:
-            raise InputError(f"--lr must be > 0, got {self.lr}")
-        if self.concept is not None and not self.concept.strip():
-            raise InputError("--concept must not be empty")
-        if self.masks is not None:
-            if self.method != "ag-masked-lora":
-                raise InputError("--masks goes with --method ag-masked-lora")
-            NeuronMasks.load(self.masks)  # a missing or foreign file is refused before any work
+def check_inputs(options: UnlearnOptions) -> None:
+    """File checks that need no model: a --masks file must be agml masks (values were checked by the options)."""
+    if options.out is None:
+        raise InputError("no output folder given (--out)")
+    if options.masks is not None:
+        NeuronMasks.load(options.masks)  # a missing or foreign file is refused before any work
 
 
 @dataclass
@@ -138,48 +94,64 @@ def _without_concept(retain: list[PromptRecord], terms: tuple[str, ...], log) ->
     return kept
 
 
-def _conversation_key(record: PromptRecord) -> tuple:
-    return tuple((m["role"], " ".join(m["content"].lower().split())) for m in record.messages)
-
-
 def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) -> None:
-    seen = {_conversation_key(r) for r in training}
-    leaked = [p.source for p in probes if _conversation_key(p) in seen]
+    seen = {conversation_key(r) for r in training}
+    leaked = [p.source for p in probes if conversation_key(p) in seen]
     if leaked:
         raise InputError(f"probe {leaked[0]} is also a training prompt; probes must be held out")
 
 
+def answer_data(model, tokenizer, options: UnlearnOptions, data: RunData, log) -> RunData:
+    """The base model's answers (`answer_tokens` long) to the forget and retain prompts; retain prompts whose
+    answer names the concept are dropped."""
+    from agml.scoring import answer_records
+
+    forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
+    retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
+    retain = _without_concept(retain, data.terms, log)
+    return dataclasses.replace(data, forget=forget, retain=retain)
+
+
+def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
+    """(NeuronScores, NeuronMasks) from the answered forget and retain records, as the mask options say."""
+    from agml.masks import build_masks
+    from agml.scoring import score_records
+
+    scores = score_records(model, tokenizer, data.forget, data.retain, options.train.batch_size,
+                           progress=distributed.is_main())
+    masks = build_masks(scores, density=options.mask.density, strategy=options.mask.strategy,
+                        score=options.mask.score, retain_weight=options.mask.mask_retain_weight)
+    return scores, masks
+
+
 def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, work: Path, log):
     """Score and mask (ag-masked-lora) or plain LoRA on every layer (the baseline)."""
-    from agml.layers import apply_lora, apply_masked_lora
+    from agml.adapters import apply_lora, apply_masked_lora
 
     targets = ("gate_proj", "up_proj", "down_proj")
-    if options.method == "lora":
-        return apply_lora(model, r=options.rank, alpha=options.alpha, targets=targets), None
+    if options.lora.method == "lora":
+        return apply_lora(model, r=options.lora.rank, alpha=options.lora.alpha, targets=targets), None
     if options.masks:  # masks from `agml score` (checked against this model before the run started)
         masks = NeuronMasks.load(options.masks)
         if distributed.is_main():
             masks.save(work / "masks.safetensors")
-        return apply_masked_lora(model, masks, r=options.rank, alpha=options.alpha, targets=targets), masks
-    from agml.masks import build_masks
+        return apply_masked_lora(model, masks, r=options.lora.rank, alpha=options.lora.alpha, targets=targets), masks
     from agml.plots import plot_heatmap
-    from agml.scoring import NeuronScores, score_records
+    from agml.scoring import NeuronScores
 
     scores_path, masks_path = work / "scores.safetensors", work / "masks.safetensors"
     if masks_path.is_file() and scores_path.is_file():  # a resumed run keeps the masks it trained with
         scores, masks = NeuronScores.load(scores_path), NeuronMasks.load(masks_path)
     else:
         start = time.perf_counter()
-        scores = score_records(model, tokenizer, data.forget, data.retain, options.batch_size,
-                               progress=distributed.is_main())
-        masks = build_masks(scores, density=options.density, strategy=options.strategy, score=options.score)
+        scores, masks = score_and_select(model, tokenizer, options, data)
         if distributed.is_main():
             scores.save(scores_path)
             masks.save(masks_path)
             log(f"selected {masks.total} neurons in {len(masks)} layers ({time.perf_counter() - start:.1f}s scoring)")
     if distributed.is_main():
         plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
-    return apply_masked_lora(model, masks, r=options.rank, alpha=options.alpha, targets=targets), masks
+    return apply_masked_lora(model, masks, r=options.lora.rank, alpha=options.lora.alpha, targets=targets), masks
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -190,25 +162,19 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = False, log=print) -> Path:
     """Run the whole job; returns the finished run folder."""
-    options.validate()
+    check_inputs(options)
     if not resume:
         runs.check_output(options.out, force)
     data = resolve_data(options)
 
+    from agml.adapters import export_baked, save_adapter
     from agml.evaluation import evaluate
-    from agml.layers import export_baked, save_adapter
     from agml.models import load_model
     from agml.reporting import write_report
-    from agml.scoring import answer_records
-    from agml.training import TrainConfig, train_unlearning
+    from agml.training import train_unlearning
 
-    train_config = TrainConfig(
-        objective=options.objective, steps=options.steps, batch_size=options.batch_size, lr=options.lr,
-        retain_weight=options.retain_weight, seed=options.seed, early_stop=options.early_stop,
-        checkpoint_every=options.checkpoint_every,
-    )
     started = time.perf_counter()
-    torch.manual_seed(options.seed)
+    torch.manual_seed(options.train.seed)
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     if options.masks:
         NeuronMasks.load(options.masks).validate_for(*mlp_dims(model))
@@ -216,15 +182,14 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     main = distributed.is_main()
     work = runs.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
     if main:
-        runs.write_config(work, dataclasses.asdict(options), {"name": data.concept, "terms": list(data.terms)})
+        runs.write_config(work, options.to_dict(), {"name": data.concept, "terms": list(data.terms)})
     distributed.barrier()
 
     forget = runs.load_records(work, "forget") if resume else None
     retain = runs.load_records(work, "retain") if resume else None
     if forget is None or retain is None:
-        forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
-        retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
-        retain = _without_concept(retain, data.terms, log if main else None)
+        answered = answer_data(model, tokenizer, options, data, log if main else None)
+        forget, retain = answered.forget, answered.retain
         if main:
             runs.save_records(work, "forget", forget)
             runs.save_records(work, "retain", retain)
@@ -235,17 +200,48 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     trainable, total = trainable_parameters(peft_model)
     if main:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    result = train_unlearning(peft_model, tokenizer, forget, retain, train_config,
+    result = train_unlearning(peft_model, tokenizer, forget, retain, options.train,
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
-    evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.max_new_tokens,
+    evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,
+                          batch_size=options.eval.eval_batch_size,
                           concept_terms=data.terms, progress=main)
     if main:
         save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
         export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
-        write_report(work, options=dataclasses.asdict(options), evaluation=evaluation, training=result,
+        write_report(work, options=options.to_dict(), evaluation=evaluation, training=result,
                      masks=masks, parameters={"trainable": trainable, "total": total},
                      seconds=time.perf_counter() - started, concept=data.concept)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)  # only needed to resume an unfinished run
         runs.finish_run(work, options.out)
     distributed.barrier()
     return Path(options.out)
+
+
+def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
+    """`agml score`: answers, neuron scores and masks (as `agml unlearn` builds them) written to `options.out`."""
+    check_inputs(options)
+    runs.check_output(options.out, force)
+    data = resolve_data(options)
+
+    from agml.models import load_model
+    from agml.plots import plot_heatmap
+
+    started = time.perf_counter()
+    torch.manual_seed(options.train.seed)
+    model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
+    data = answer_data(model, tokenizer, options, data, log if distributed.is_main() else None)
+    scores, masks = score_and_select(model, tokenizer, options, data)
+    if not distributed.is_main():  # under accelerate launch every process scored its shard; one writes
+        return Path(options.out)
+    work = runs.start_run(options.out)
+    scores.save(work / "scores.safetensors")
+    masks.save(work / "masks.safetensors")
+    plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
+    out = runs.finish_run(work, options.out)
+    busiest = sorted(masks.items(), key=lambda item: (-item[1].numel(), item[0]))[:5]
+    log(f"scored {scores.forget_tokens} forget / {scores.retain_tokens} retain answer tokens over "
+        f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
+    log(f"selected {masks.total} neurons ({options.mask.score}, {options.mask.strategy}) in {len(masks)} layers; "
+        "most in: " + ", ".join(f"layer {layer}: {ids.numel()}" for layer, ids in busiest))
+    log(f"written to {Path(out)}: scores.safetensors, masks.safetensors, plots/heatmap.png")
+    return Path(out)

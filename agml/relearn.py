@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
+from agml.data import Example, PromptRecord, build_example, collate, conversation_key, pad_token_id
 from agml.errors import InputError
 from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
@@ -33,15 +33,11 @@ def attack_slice(
     forget_records: Sequence[PromptRecord], probes: Sequence[PromptRecord], n_examples: int, seed: int
 ) -> list[PromptRecord]:
     """A seeded sample of forget records with answers, none sharing its conversation with a probe."""
-    probed = {_conversation_key(probe) for probe in probes}
-    pool = [r for r in forget_records if r.type == "forget" and r.answer and _conversation_key(r) not in probed]
+    probed = {conversation_key(probe) for probe in probes}
+    pool = [r for r in forget_records if r.type == "forget" and r.answer and conversation_key(r) not in probed]
     if not pool:
         raise InputError("the relearning attack needs forget records with answers that are not also probes; found none")
     return random.Random(seed).sample(pool, min(n_examples, len(pool)))
-
-
-def _conversation_key(record: PromptRecord) -> tuple[tuple[str, str], ...]:
-    return tuple((m["role"], m["content"]) for m in record.messages)
 
 
 def merged_copy(peft_model) -> torch.nn.Module:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
+from agml.io import atomic_write_text
 from agml.runs import write_json
 
 EXAMPLES_PER_TYPE = 5
@@ -120,7 +122,54 @@ def write_report(run: Path, options: dict, evaluation: dict, training, masks, pa
         plot_training(report["history"], plots / "training.png")
     plot_before_after(evaluation, plots / "before_after.png")
     write_json(Path(run) / "report.json", report)
-    tmp = Path(run) / "report.md.tmp"
-    tmp.write_text(render_markdown(report), encoding="utf-8")
-    tmp.replace(Path(run) / "report.md")
+    atomic_write_text(Path(run) / "report.md", render_markdown(report))
     return report
+
+
+# --- terminal tables (agml eval) --------------------------------------------------------------------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _row(label: str, before, after, fmt: Callable[[float | None], str]) -> str:
+    return f"{label:<28}{fmt(before):>12}{fmt(after):>12}"
+
+
+def format_summary(result: dict) -> str:
+    """A compact before/after table for the terminal."""
+    lines = [f"{'':<28}{'before':>12}{'after':>12}"]
+    for kind in ("forget", "retain"):
+        n = result["before"][kind]["n"]
+        lines.append(_row(f"{kind} pass (n={n})", result["before"][kind]["pass_rate"],
+                          result["after"][kind]["pass_rate"], _percent))
+        categories = sorted(set(result["before"][kind]["by_category"]) | set(result["after"][kind]["by_category"]))
+        for category in categories:
+            lines.append(_row(f"  {category}", result["before"][kind]["by_category"].get(category),
+                              result["after"][kind]["by_category"].get(category), _percent))
+    cloze = result["cloze_logprob"]
+    lines.append(_row(f"cloze log p (n={cloze['n']})", cloze["before"], cloze["after"], _number))
+    for key, label in (("perplexity", "base perplexity of answers"), ("repetition_rate", "repetition rate"),
+                       ("distinct_2", "distinct-2"), ("answer_length", "answer length (words)")):
+        lines.append(_row(label, result["fluency"]["before"][key], result["fluency"]["after"][key], _number))
+    lines.append(f"{'retain KL (nats/token)':<28}{'':>12}{_number(result['retain_kl']):>12}")
+    if "relearn" in result:
+        lines.append(format_relearn(result["relearn"]))
+    return "\n".join(lines)
+
+
+def format_relearn(relearn: dict) -> str:
+    """The relearning attack's forget pass rates, before and after the attack."""
+    rates = relearn["forget_pass"]
+    return "\n".join([
+        f"relearning attack: {relearn['steps']} steps on {relearn['examples']} forget answers, lr {relearn['lr']:g}",
+        f"{'forget pass':<28}{'before':>12}{'after':>12}",
+        _row("  unlearned model", rates["unlearned_before_attack"], rates["unlearned_after_attack"],
+             _percent),
+        _row("  base model", rates["base_before_attack"], rates["base_after_attack"], _percent),
+    ])

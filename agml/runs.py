@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agml.data import PromptRecord, load_prompts, save_prompts
 from agml.errors import InputError
+from agml.io import atomic_write_json
 
 CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
@@ -77,10 +78,7 @@ def package_versions() -> dict[str, str]:
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
 
 
 def write_config(run: Path, options: dict, concept: dict | None = None) -> dict:
@@ -88,6 +86,20 @@ def write_config(run: Path, options: dict, concept: dict | None = None) -> dict:
     config = {"options": options, "concept": concept or {}, "versions": package_versions(), "argv": sys.argv}
     write_json(run / CONFIG_FILE, config)
     return config
+
+
+def resumable_options(run: str | os.PathLike):
+    """The options an interrupted run RUN was started with (from RUN.partial/config.json), for --resume."""
+    from agml.options import UnlearnOptions
+
+    path = partial_dir(run) / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"nothing to resume at {run}: {path} not found")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not valid JSON ({err.msg})") from err
+    return UnlearnOptions.from_dict(config.get("options", {}), where=str(path))
 
 
 def save_records(run: Path, name: str, records: list[PromptRecord]) -> None:
@@ -125,7 +137,7 @@ class LoadedRun:
 
 def load_run(run: str | os.PathLike, device: str | None = None) -> LoadedRun:
     """Load the base model, attach the run's adapter and read the run's data."""
-    from agml.layers import load_adapter
+    from agml.adapters import load_adapter
     from agml.models import load_model
 
     run = Path(run)

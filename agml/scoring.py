@@ -31,15 +31,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from agml import distributed
-from agml.architecture import mlp_modules
-from agml.data import IGNORE_INDEX, Example, PromptRecord, batches, build_example, pad_token_id
+from agml.architecture import neuron_sites
+from agml.data import Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
+from agml.logprobs import answer_logits, answer_positions  # noqa: F401  (answer_positions: public here too)
+from agml.masks import SCORE_KINDS, SPLITS, STATISTICS, contrast, importance  # noqa: F401  (SCORE_KINDS: public here too)
 from agml.tensor_files import read_tensor_file, write_tensor_file
 from agml_kernels import NeuronStats, neuron_stats
 
-SPLITS = ("forget", "retain")
-STATISTICS = ("fisher", "saliency")
-SCORE_KINDS = ("fisher", "saliency", "combined")
 _FORMAT = "agml-neuron-scores"
 
 
@@ -78,32 +77,12 @@ class NeuronScores:
         return int(self.forget_fisher.shape[1])
 
     def importance(self, split: str, score: str = "fisher") -> torch.Tensor:
-        """Normalised per-token importance `(num_layers, intermediate)` of one split.
-
-        Two scales that say nothing about *which* neurons carry the concept are divided out, in this order:
-        1. the split's overall scale (its mean over all neurons): how surprising or long its answers are;
-        2. each layer's scale (the layer's mean neuron over both splits, after step 1): Fisher = sum g^2 depends
-           on how each layer's activations happen to be scaled (early layers of SmolLM2 hold ~100x the Fisher of
-           late ones), so raw values would rank neurons by layer, not by concept.
-        What stays: differences between neurons of a layer, and whether a layer as a whole matters more for the
-        forget set than for the retain set. "combined" averages normalised Fisher and saliency.
-        """
-        if split not in SPLITS:
-            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
-        if score not in SCORE_KINDS:
-            raise InputError(f"score must be one of {SCORE_KINDS}, got {score!r}")
-        stats = STATISTICS if score == "combined" else (score,)
-        parts = []
-        for stat in stats:
-            by_split = {s: getattr(self, f"{s}_{stat}") for s in SPLITS}
-            by_split = {s: x / x.mean().clamp_min(1e-30) for s, x in by_split.items()}
-            layer_scale = (0.5 * (by_split["forget"] + by_split["retain"])).mean(1, keepdim=True).clamp_min(1e-30)
-            parts.append(by_split[split] / layer_scale)
-        return sum(parts) / len(parts)
+        """Normalised per-token importance of one split; see `agml.masks.importance`."""
+        return importance(self, split, score)
 
     def contrast(self, score: str = "fisher", retain_weight: float = 1.0) -> torch.Tensor:
-        """Concept specificity `forget - retain_weight * retain` of the normalised importances (see build_masks)."""
-        return self.importance("forget", score) - retain_weight * self.importance("retain", score)
+        """Concept specificity `forget - retain_weight * retain`; see `agml.masks.contrast`."""
+        return contrast(self, score, retain_weight)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write safetensors atomically (temporary file, then rename)."""
@@ -132,40 +111,17 @@ class NeuronScores:
 # --- the scoring pass -----------------------------------------------------------------------------------------
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Bool `(batch, seq)`: positions t whose next token t+1 is an answer token.
-
-    These are exactly the positions whose logits the loss reads, so their activations write the answer directly;
-    prompt positions only matter through attention and are mostly the chat template shared by forget and retain,
-    which would dilute the per-token averages without telling the two apart. The last answer token (it predicts
-    nothing that is scored) and padding (IGNORE_INDEX labels) never count, whichever side is padded.
-    """
-    predicts = labels[:, 1:] != IGNORE_INDEX
-    return F.pad(predicts, (0, 1), value=False)
-
-
 def answer_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of answer-token NLL, answer_positions mask) for one collated batch on the model's device.
 
-    Position ids follow the attention mask, so left- and right-padded batches see the same positions. Logits
-    are computed only at sequence positions where some row predicts an answer token (the vocabulary projection
-    is a large share of a small model's compute and its output the largest activation).
+    The answer positions are exactly those whose logits the loss reads, so their activations write the answer
+    directly; prompt positions only matter through attention and are mostly the chat template shared by forget and
+    retain, which would dilute the per-token averages without telling the two apart. Logits come from
+    `agml.logprobs.answer_logits` (only answer positions are projected onto the vocabulary).
     """
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    positions = answer_positions(labels)
-    keep = positions.any(0).nonzero().squeeze(1)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        logits_to_keep=keep,
-    ).logits
-    kept = positions[:, keep]
-    targets = labels[:, keep + 1][kept]
-    loss = F.cross_entropy(logits[kept].float(), targets, reduction="sum")
-    return loss, positions
+    out = answer_logits(model, batch)
+    loss = F.cross_entropy(out.logits, out.targets, reduction="sum")
+    return loss, answer_positions(batch["labels"].to(out.logits.device))
 
 
 @contextmanager
@@ -217,21 +173,23 @@ def _recompute_source(acts: torch.Tensor) -> Callable[[], torch.Tensor] | None:
 
 
 class _NeuronStatsHooks:
-    """Forward pre-hooks on every down_proj that stream (activation, gradient, mask) into per-layer NeuronStats."""
+    """Forward pre-hooks on every site's reader (down_proj) that stream (activation, gradient, mask) into per-layer
+    NeuronStats; the reader's input is the MLP's neurons (`agml.architecture.neuron_sites`)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.mlps = mlp_modules(model)
-        self.intermediate = self.mlps[0].down_proj.in_features
+        sites = neuron_sites(model)
+        self.readers = [site.projection(site.reader) for site in sites]
+        self.intermediate = sites[0].width
         self.token_mask: torch.Tensor | None = None
         self.stats: list[NeuronStats] = []
         self._pending: dict[int, Callable[[], torch.Tensor]] = {}
         self._handles = []
 
     def __enter__(self) -> _NeuronStatsHooks:
-        device = next(self.mlps[0].down_proj.parameters()).device
-        self.stats = [NeuronStats.zeros(self.intermediate, device) for _ in self.mlps]
-        self._handles = [mlp.down_proj.register_forward_pre_hook(self._forward_hook(i)) for i, mlp in
-                         enumerate(self.mlps)]
+        device = next(self.readers[0].parameters()).device
+        self.stats = [NeuronStats.zeros(self.intermediate, device) for _ in self.readers]
+        self._handles = [reader.register_forward_pre_hook(self._forward_hook(i))
+                         for i, reader in enumerate(self.readers)]
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,15 +10,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from agml.errors import InputError
+from agml.io import atomic_path
 
 
 def write_tensor_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], file_format: str,
                       metadata: dict[str, str]) -> None:
     """Write safetensors atomically (temporary file, then rename), tagged with `file_format`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": file_format, **metadata})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": file_format, **metadata})
 
 
 def read_tensor_file(path: str | os.PathLike, file_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -10,105 +10,27 @@ Checkpoints hold only tensors (safetensors) and scalars/history (JSON); nothing 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from agml import distributed
+from agml.checkpoints import load_checkpoint, save_checkpoint
 from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
 from agml.errors import InputError
+from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
-from agml.objectives import (
-    Objective,
-    UnlearnBatch,
-    answer_logits,
-    base_answer_logits,
-    kl_per_token,
-    make_objective,
-    objective_parameters,
-)
+from agml.logprobs import answer_logits, base_answer_logits, kl_per_token
+from agml.objectives import Objective, UnlearnBatch
+from agml.options import TrainOptions
 
-CHECKPOINT_JSON = "checkpoint.json"
-CHECKPOINT_FORMAT = 1
-# Config fields that may change between an interrupted run and its resumption without changing the trajectory.
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every"})
 _FORGET_STREAM, _RETAIN_STREAM, _SPLIT_STREAM, _STEP_STREAM = range(4)
-
-
-@dataclass
-class TrainConfig:
-    """Options of the unlearning loop; invalid values raise InputError naming the field."""
-
-    objective: str = "npo"
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    retain_weight: float = 1.0
-    beta: float = 0.1  # npo only
-    seed: int = 0
-    eval_every: int = 10
-    kl_budget: float = 0.05  # nats per retain answer token
-    val_fraction: float = 0.2  # held-out share of the forget prompts (and of the retain prompts, for the KL check)
-    checkpoint_every: int = 20
-    early_stop: bool = True
-    max_new_tokens_val: int = 32
-    forget_pass_target: float = 1.0  # share of validation forget prompts that must pass to count as forgotten
-    val_logprob_drop: float = 1.0  # nats/token drop that counts as forgotten for prompts without forbidden terms
-    objective_params: dict = field(default_factory=dict)  # extra objective parameters, e.g. {"nll_bound": 5.0}
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        positive_ints = {"steps": self.steps, "batch_size": self.batch_size, "eval_every": self.eval_every,
-                         "checkpoint_every": self.checkpoint_every, "max_new_tokens_val": self.max_new_tokens_val}
-        for name, value in positive_ints.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"training option {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise InputError(f"training option seed must be an integer >= 0, got {self.seed!r}")
-        _check_float("lr", self.lr, low=0.0, low_open=True)
-        _check_float("beta", self.beta, low=0.0, low_open=True)
-        _check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        _check_float("weight_decay", self.weight_decay, low=0.0)
-        _check_float("retain_weight", self.retain_weight, low=0.0)
-        _check_float("kl_budget", self.kl_budget, low=0.0)
-        _check_float("val_logprob_drop", self.val_logprob_drop, low=0.0)
-        _check_float("val_fraction", self.val_fraction, low=0.0, high=1.0, high_open=True)
-        _check_float("forget_pass_target", self.forget_pass_target, low=0.0, high=1.0, low_open=True)
-        if not isinstance(self.objective_params, dict):
-            raise InputError(f"training option objective_params must be a dict, got {self.objective_params!r}")
-        self.make_objective()  # unknown objective or parameter names fail here, before any work
-
-    def make_objective(self) -> Objective:
-        """The configured objective, given the shared options it accepts (retain_weight, beta, seed) plus extras."""
-        accepted = objective_parameters(self.objective)
-        shared = {"retain_weight": self.retain_weight, "beta": self.beta, "seed": self.seed}
-        params = {k: v for k, v in shared.items() if k in accepted}
-        return make_objective(self.objective, **params, **self.objective_params)
-
-
-def _check_float(name: str, value, low: float, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        raise InputError(f"training option {name} must be in {left}{low}, {high}{right}, got {value!r}")
 
 
 @dataclass
@@ -198,11 +120,6 @@ def _reference_sequence_logprobs(model, examples: Sequence[Example], pad: int, b
 # --- validation ---------------------------------------------------------------------------------------------
 
 
-def _mentions(answer: str, terms: Sequence[str]) -> bool:
-    text = answer.lower()
-    return any(term.lower() in text for term in terms)
-
-
 class Validator:
     """Checks, on held-out forget prompts, whether the concept is forgotten and whether retain KL is within budget.
 
@@ -213,7 +130,7 @@ class Validator:
     """
 
     def __init__(self, model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord],
-                 config: TrainConfig) -> None:
+                 config: TrainOptions) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.pad = pad_token_id(tokenizer)
         self.by_terms = [r for r in forget if r.forbidden]
@@ -231,7 +148,7 @@ class Validator:
         if self.by_terms:
             answers = greedy_answers(self.model, self.tokenizer, [r.messages for r in self.by_terms],
                                      max_new_tokens=self.config.max_new_tokens_val, batch_size=self.config.batch_size)
-            passes += sum(not _mentions(a, r.forbidden) for a, r in zip(answers, self.by_terms, strict=True))
+            passes += sum(probe_passes(r, a) for a, r in zip(answers, self.by_terms, strict=True))
         if self.by_logprob:
             now = _mean_token_logprobs(self.model, self.by_logprob, self.pad, self.config.batch_size, base=False)
             passes += int(((self.base_logprobs - now) >= self.config.val_logprob_drop).sum())
@@ -257,7 +174,7 @@ class Validator:
         return total / tokens
 
 
-# --- checkpoints --------------------------------------------------------------------------------------------
+# --- trainable parameters ---------------------------------------------------------------------------------
 
 
 def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -265,87 +182,6 @@ def _trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Pa
     if not params:
         raise InputError("the model has no trainable LoRA parameters (attach an adapter first)")
     return params
-
-
-def _atomic_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                    step: int, history: list[dict], config: TrainConfig, stopped_early: bool,
-                    validation: dict | None) -> None:
-    """Write adapter tensors and optimizer state (safetensors), then the JSON that points to them, both atomically.
-
-    The JSON is replaced last and older tensor files are removed after it, so a kill at any point leaves a
-    consistent checkpoint: either the previous one or the new one.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, param in params:
-        tensors[f"param::{name}"] = param.detach().cpu().contiguous()
-        for key, value in optimizer.state.get(param, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{key}::{name}"] = value.detach().cpu().contiguous()
-    tensor_name = f"checkpoint-{step:06d}.safetensors"
-    tmp = directory / (tensor_name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / tensor_name)
-    _atomic_json({
-        "format": CHECKPOINT_FORMAT, "step": step, "tensors": tensor_name, "parameters": [n for n, _ in params],
-        "config": dataclasses.asdict(config), "history": history, "stopped_early": stopped_early,
-        "validation": validation,
-    }, directory / CHECKPOINT_JSON)
-    for old in directory.glob("checkpoint-*.safetensors"):
-        if old.name != tensor_name:
-            old.unlink()
-
-
-def _config_differences(saved: dict, config: TrainConfig) -> list[str]:
-    current = dataclasses.asdict(config)
-    return sorted(k for k in set(saved) | set(current)
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-
-
-def load_checkpoint(directory: Path, params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig) -> dict | None:
-    """Restore adapter tensors and optimizer state in place; returns the checkpoint's JSON, or None if there is none."""
-    meta_path = directory / CHECKPOINT_JSON
-    if not meta_path.exists():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / meta["tensors"]))
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"cannot read checkpoint in {directory}: {err}") from err
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"checkpoint in {directory} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    differences = _config_differences(meta["config"], config)
-    if differences:
-        raise InputError(f"cannot resume from {directory}: training options differ from the checkpoint's: "
-                         f"{', '.join(differences)}")
-    names = [n for n, _ in params]
-    if meta["parameters"] != names:
-        raise InputError(f"cannot resume from {directory}: its adapter parameters do not match this model's")
-    state = {}
-    for index, (name, param) in enumerate(params):
-        saved = tensors[f"param::{name}"]
-        if saved.shape != param.shape:
-            raise InputError(f"cannot resume from {directory}: {name} has shape {tuple(saved.shape)}, "
-                             f"the model has {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(saved)
-        prefix, suffix = "optim.", f"::{name}"
-        entries = {k[len(prefix):-len(suffix)]: v for k, v in tensors.items()
-                   if k.startswith(prefix) and k.endswith(suffix)}
-        if entries:
-            # Moment buffers follow the parameter's device/dtype; the step counter stays as saved.
-            state[index] = {k: v if v.dim() == 0 else v.to(param.device, param.dtype) for k, v in entries.items()}
-    optimizer_state = optimizer.state_dict()
-    optimizer_state["state"] = state
-    optimizer.load_state_dict(optimizer_state)
-    return meta
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
@@ -358,7 +194,7 @@ class _Data:
     forget_reference: torch.Tensor | None
     pad: int
 
-    def batch(self, config: TrainConfig, step: int) -> UnlearnBatch:
+    def batch(self, config: TrainOptions, step: int) -> UnlearnBatch:
         # Every process draws the same global batch and trains on its shard of it (data parallelism).
         f_idx = distributed.shard(batch_indices(len(self.forget), config.batch_size, config.seed, _FORGET_STREAM, step))
         r_idx = distributed.shard(batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step))
@@ -372,7 +208,7 @@ def _rng_devices(model: torch.nn.Module) -> list[torch.device]:
     return [device] if device.type == "cuda" else []
 
 
-def _train_step(model, objective: Objective, optimizer, params, data: _Data, config: TrainConfig,
+def _train_step(model, objective: Objective, optimizer, params, data: _Data, config: TrainOptions,
                 step: int) -> dict[str, float]:
     with torch.random.fork_rng(devices=_rng_devices(model)):
         torch.manual_seed(derived_seed(config.seed, _STEP_STREAM, step))
@@ -393,7 +229,7 @@ def train_unlearning(
     tokenizer,
     forget: list[PromptRecord],
     retain: list[PromptRecord],
-    config: TrainConfig,
+    config: TrainOptions,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -405,7 +241,6 @@ def train_unlearning(
     the held-out forget prompts pass and retain KL is within `kl_budget`. Checkpoints go to `checkpoint_dir` every
     `checkpoint_every` steps and at the end; `resume=True` continues from the checkpoint there, if any.
     """
-    config.validate()
     if not forget or not retain:
         raise InputError(f"unlearning needs forget and retain prompts (got {len(forget)} forget, {len(retain)} retain)")
     if resume and checkpoint_dir is None:

@@ -14,12 +14,12 @@ from agml.errors import InputError
 from agml.evaluation import (
     cloze_example,
     evaluate,
-    format_summary,
     pass_rates,
     probe_passes,
     score_answers,
     text_fluency,
 )
+from agml.reporting import format_summary
 
 VOCAB = 49152
 
@@ -316,13 +316,15 @@ def test_eval_concept_terms_come_from_the_runs_resolved_concept():
 
 
 def test_teacher_forced_logprobs_do_not_depend_on_batching(smol_tokenizer, random_adapter):
-    from agml.data import build_example
-    from agml.evaluation import sequence_logprobs
+    from agml.data import build_example, pad_token_id
+    from agml.logprobs import example_logprobs
+
+    pad = pad_token_id(smol_tokenizer)
 
     answers = ["Yes.", "Christopher Nolan directed it in 2010, I think.", "Paris is in France, of course."]
     examples = [build_example(smol_tokenizer, p.messages, a) for p, a in zip(PROBES, answers, strict=False)]
-    alone = [sequence_logprobs(random_adapter, smol_tokenizer, [e]) for e in examples]
-    together, counts = sequence_logprobs(random_adapter, smol_tokenizer, examples, batch_size=3)
+    alone = [example_logprobs(random_adapter, [e], pad) for e in examples]
+    together, counts = example_logprobs(random_adapter, examples, pad, batch_size=3)
     assert counts == [sum(label != IGNORE_INDEX for label in e.labels) for e in examples]
     assert together == pytest.approx([total[0] for total, _ in alone], abs=1e-3)
     # Against a plain full-logits computation of the first example.

@@ -47,6 +47,21 @@ def test_unlearn_writes_the_whole_run_folder(workspace, capsys):
     assert "run written to" in capsys.readouterr().out
 
 
+NOISE = ("Unable to fetch remote file", "Could not find a config file", "gemm_4bit_forward",
+         "is_gradient_checkpointing")
+
+
+def test_a_normal_run_prints_no_library_noise(workspace, capfd):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(unlearn_args(workspace, workspace["root"] / "run-quiet", "--steps", "1")) == 0
+    printed = capfd.readouterr()
+    shown = printed.out + printed.err + "\n".join(str(w.message) for w in caught)
+    assert not [noise for noise in NOISE if noise in shown]
+
+
 def test_eval_command_on_a_run(workspace, capsys):
     out = workspace["root"] / "run"
     if not out.exists():

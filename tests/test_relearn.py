@@ -64,7 +64,7 @@ def test_relearn_attack_trains_copies_and_reports_pass_rates(smol_tokenizer):
 def test_copies_of_a_masked_adapter_merge_and_unload_like_the_original():
     from tiny_models import tiny_model
 
-    from agml.layers import apply_masked_lora
+    from agml.adapters import apply_masked_lora
     from agml.masks import NeuronMasks
     from agml.relearn import base_copy, merged_copy
 

@@ -10,10 +10,17 @@ import agml.training as training
 from agml.data import PromptRecord, build_example, collate, pad_token_id
 from agml.errors import InputError
 from agml.objectives import sequence_logprobs
-from agml.training import TrainConfig, batch_indices, split_validation, train_unlearning
+from agml.options import TrainOptions
+from agml.training import batch_indices, split_validation, train_unlearning
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 FAST = dict(batch_size=2, max_new_tokens_val=4, eval_every=3, checkpoint_every=100)
+# The loop settings these tests were written against (the library defaults before `agml unlearn`'s were adopted).
+LOOP = dict(objective="npo", steps=60, batch_size=8, kl_weight=1.0, checkpoint_every=20, early_stop=True)
+
+
+def train_options(**settings) -> TrainOptions:
+    return TrainOptions(**{**LOOP, **settings})
 
 
 def peft_model(seed: int = 0, dropout: float = 0.0):
@@ -39,7 +46,7 @@ def adapter(model) -> dict[str, torch.Tensor]:
 def run(tokenizer, seed_model: int = 0, dropout: float = 0.0, forget=None, retain=None, **options):
     model = peft_model(seed_model, dropout)
     checkpoint_dir = options.pop("checkpoint_dir", None)
-    config = TrainConfig(**{**FAST, **options})
+    config = train_options(**{**FAST, **options})
     result = train_unlearning(model, tokenizer, forget or records("forget", 5), retain or records("retain", 5), config,
                               checkpoint_dir=checkpoint_dir, progress=False)
     return model, result
@@ -48,19 +55,19 @@ def run(tokenizer, seed_model: int = 0, dropout: float = 0.0, forget=None, retai
 @pytest.mark.parametrize("field, value", [
     ("steps", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -1e-3), ("eval_every", 0), ("checkpoint_every", 0),
     ("val_fraction", 1.0), ("val_fraction", -0.1), ("max_grad_norm", 0.0), ("weight_decay", -1.0),
-    ("retain_weight", float("nan")), ("beta", 0.0), ("kl_budget", -0.01), ("seed", -1), ("steps", 2.5),
+    ("kl_weight", float("nan")), ("beta", 0.0), ("kl_budget", -0.01), ("seed", -1), ("steps", 2.5),
     ("max_new_tokens_val", 0), ("forget_pass_target", 0.0), ("objective", "ascent"),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(InputError, match=field if field != "objective" else "unknown objective"):
-        TrainConfig(**{field: value})
+        train_options(**{field: value})
 
 
 def test_objective_params_are_checked_against_the_objective():
-    config = TrainConfig(objective="gradient-difference", objective_params={"nll_bound": 3.0})
+    config = train_options(objective="gradient-difference", objective_params={"nll_bound": 3.0})
     assert config.make_objective().nll_bound == 3.0
     with pytest.raises(InputError, match="nll_bound"):
-        TrainConfig(objective="npo", objective_params={"nll_bound": 3.0})
+        train_options(objective="npo", objective_params={"nll_bound": 3.0})
 
 
 def test_batches_cover_every_example_once_per_epoch():
@@ -79,7 +86,7 @@ def test_validation_split_is_seeded_disjoint_and_leaves_training_data():
 
 def test_inputs_are_checked(smol_tokenizer):
     model = peft_model()
-    config = TrainConfig(**FAST, steps=1)
+    config = train_options(**FAST, steps=1)
     with pytest.raises(InputError, match="forget and retain"):
         train_unlearning(model, smol_tokenizer, [], records("retain", 2), config, progress=False)
     no_answer = [PromptRecord(({"role": "user", "content": "Hi?"},), "retain")]
@@ -109,7 +116,7 @@ def test_resumed_run_matches_an_uninterrupted_run_bitwise(smol_tokenizer, tmp_pa
     assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 3
     resumed_model = peft_model(0, dropout=0.1)
     result = train_unlearning(resumed_model, smol_tokenizer, records("forget", 5), records("retain", 5),
-                              TrainConfig(**{**FAST, "steps": 6, "seed": 7, "early_stop": False,
+                              train_options(**{**FAST, "steps": 6, "seed": 7, "early_stop": False,
                                              "checkpoint_every": 2}),
                               checkpoint_dir=tmp_path, resume=True, progress=False)
     expected, got = adapter(straight), adapter(resumed_model)
@@ -122,7 +129,7 @@ def test_resume_refuses_a_checkpoint_with_other_options(smol_tokenizer, tmp_path
     run(smol_tokenizer, steps=1, checkpoint_dir=tmp_path)
     with pytest.raises(InputError, match="lr"):
         train_unlearning(peft_model(), smol_tokenizer, records("forget", 5), records("retain", 5),
-                         TrainConfig(**FAST, steps=2, lr=0.5), checkpoint_dir=tmp_path, resume=True, progress=False)
+                         train_options(**FAST, steps=2, lr=0.5), checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
 def test_checkpoints_are_safetensors_and_json_only(smol_tokenizer, tmp_path):
@@ -145,7 +152,7 @@ def test_npo_training_lowers_forget_logprob_and_keeps_retain_close(smol_tokenize
     forget_batch = collate([build_example(smol_tokenizer, r.messages, r.answer) for r in forget], pad, "left")
     before = sequence_logprobs(model, forget_batch).detach()
     result = train_unlearning(model, smol_tokenizer, forget, retain,
-                              TrainConfig(**{**FAST, "steps": 8, "lr": 1e-2, "val_fraction": 0.0}), progress=False)
+                              train_options(**{**FAST, "steps": 8, "lr": 1e-2, "val_fraction": 0.0}), progress=False)
     after = sequence_logprobs(model, forget_batch).detach()
     assert (after < before - 1.0).all()
     assert result.history[-1]["forget_loss"] < result.history[0]["forget_loss"]

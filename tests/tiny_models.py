@@ -1,4 +1,4 @@
-"""Tiny random Qwen2 and Llama models built from config (no hub, no download)."""
+"""Tiny random Qwen2 and Llama models (and Gemma / Phi-3 for the architecture seam) built from config, offline."""
 
 from __future__ import annotations
 
@@ -6,9 +6,22 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 ARCHS = ("llama", "qwen2")
+# Other MLP layouts: Gemma (gated GELU, separate projections) and Phi-3 (fused gate_up_proj).
+OTHER_ARCHS = ("gemma", "phi3")
+_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "gemma": (GemmaConfig, GemmaForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}
 
 
 def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 32, intermediate: int = 64, layers: int = 2):
@@ -25,19 +38,18 @@ def tiny_config(arch: str, vocab_size: int = 128, hidden: int = 32, intermediate
         bos_token_id=1,
         eos_token_id=2,
     )
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(f"unknown tiny arch {arch!r}")
+    if arch not in _CLASSES:
+        raise ValueError(f"unknown tiny arch {arch!r}")
+    if arch == "gemma":
+        common["head_dim"] = hidden // common["num_attention_heads"]
+    return _CLASSES[arch][0](**common)
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> torch.nn.Module:
     """A deterministic random model; weights scaled up so the LoRA/MLP effects are visible."""
     torch.manual_seed(seed)
     config = tiny_config(arch, **sizes)
-    cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
-    model = cls(config).to(dtype)
+    model = _CLASSES[arch][1](config).to(dtype)
     model.eval()
     return model
 

@@ -1,0 +1,160 @@
+"""The one place where answer-token logits, log-probabilities and KL(base || model) are computed.
+
+Every caller works on batches made by `agml.data.collate` (labels only on assistant-answer tokens, IGNORE_INDEX
+elsewhere, either padding side). Position t predicts token t + 1, so the positions that matter are those whose NEXT
+label is an answer token. Only those positions are projected onto the vocabulary (`logits_to_keep` with a boolean
+`(batch, seq)` mask on Llama/Qwen2-style models), which saves most of the `lm_head` work and memory for large
+vocabularies. Position ids follow the attention mask, so left- and right-padded batches see the same positions.
+
+"Base" always means the SAME model with its adapter disabled (`adapter_disabled`), never a second copy: a fresh
+LoRA adapter (B = 0) therefore starts at KL = 0. See docs/architecture.md ("Log-probabilities").
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from agml.data import IGNORE_INDEX, Example, collate
+from agml.errors import InputError
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only (as in generation), whichever side the batch is padded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@contextmanager
+def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """The base model: `model` with its adapter switched off for the duration of the block."""
+    if not hasattr(model, "disable_adapter"):
+        raise InputError("the base model comes from model.disable_adapter(); this needs a PEFT model")
+    with model.disable_adapter():
+        yield
+
+
+@dataclass
+class AnswerLogits:
+    """Float32 logits at every position that predicts an answer token, flattened over the batch."""
+
+    logits: torch.Tensor  # (N, vocab)
+    targets: torch.Tensor  # (N,) the answer token each position predicts
+    rows: torch.Tensor  # (N,) batch row of each position
+    batch_size: int
+
+    def token_logprobs(self) -> torch.Tensor:
+        """log p(target) per answer token, (N,)."""
+        return torch.log_softmax(self.logits, dim=-1).gather(-1, self.targets[:, None]).squeeze(-1)
+
+    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-token `values` (N,) into per-row totals (batch,)."""
+        return torch.zeros(self.batch_size, dtype=values.dtype, device=values.device).index_add(0, self.rows, values)
+
+
+def _base_of(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(_base_of(model).forward).parameters
+
+
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
+    """Run `model` on a collated batch and return the logits that predict its labelled (answer) tokens."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if not predicts.any():
+        raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids(attention_mask), "use_cache": False}
+    if _supports_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=predicts).logits
+        if logits.dim() == 3:  # a model that keeps the batch axis: index it ourselves
+            logits = logits[predicts]
+    else:
+        logits = model(**kwargs).logits[predicts]
+    targets = labels[:, 1:][predicts[:, :-1]]
+    rows = predicts.nonzero()[:, 0]
+    return AnswerLogits(logits.float(), targets, rows, labels.shape[0])
+
+
+def base_answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
+    """`answer_logits` of the base model: the same model with its adapter disabled, without gradients."""
+    with torch.no_grad(), adapter_disabled(model):
+        return answer_logits(model, batch)
+
+
+def kl_per_token(base: AnswerLogits, current: AnswerLogits) -> torch.Tensor:
+    """Mean over answer tokens of KL(base || current) = sum_v p_base (log p_base - log p_current)."""
+    base_logp = torch.log_softmax(base.logits, dim=-1)
+    current_logp = torch.log_softmax(current.logits, dim=-1)
+    return F.kl_div(current_logp, base_logp, log_target=True, reduction="batchmean")
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each row's answer, (batch,); differentiable."""
+    out = answer_logits(model, batch)
+    return out.per_sequence_sum(out.token_logprobs())
+
+
+def _left_padded_batches(examples: Sequence[Example], pad_id: int, batch_size: int,
+                         desc: str | None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(start index, left-padded batch) over the examples; a progress bar when `desc` is given."""
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None or not examples, leave=False):
+        yield start, collate(examples[start:start + batch_size], pad_id, padding_side="left")
+
+
+@contextmanager
+def _maybe_base(model: torch.nn.Module, base: bool) -> Iterator[None]:
+    if base:
+        with adapter_disabled(model):
+            yield
+    else:
+        yield
+
+
+@torch.no_grad()
+def example_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+                     base: bool = False, desc: str | None = None) -> tuple[list[float], list[int]]:
+    """Per example: summed log-probability of its labelled tokens, and how many there are.
+
+    `base=True` scores with the adapter disabled. Examples without labelled tokens get (0.0, 0).
+    """
+    totals = [0.0] * len(examples)
+    counts = [0] * len(examples)
+    with _maybe_base(model, base):
+        for start, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
+            out = answer_logits(model, batch)
+            for row, value in zip(out.rows.tolist(), out.token_logprobs().tolist(), strict=True):
+                totals[start + row] += value
+                counts[start + row] += 1
+    return totals, counts
+
+
+@torch.no_grad()
+def mean_token_kl(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+                  desc: str | None = None) -> float | None:
+    """KL(base || model) per labelled token over `examples` (None when there are none)."""
+    total, tokens = 0.0, 0
+    for _, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
+        base_logprobs = torch.log_softmax(base_answer_logits(model, batch).logits, dim=-1)
+        logprobs = torch.log_softmax(answer_logits(model, batch).logits, dim=-1)
+        total += float((base_logprobs.exp() * (base_logprobs - logprobs)).sum())
+        tokens += base_logprobs.shape[0]
+    return total / tokens if tokens else None
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool `(batch, seq)`: positions t whose next token t+1 is an answer token (never the last position)."""
+    return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
