@@ -213,6 +213,7 @@ class MaskedLoraLinear(LoraLinear):
         )
 
     def _fused_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        self._check_factor_shapes(adapter_name)
         base = self.base_layer
         out_index, in_index = self.neuron_index(adapter_name)
         result = masked_lora_linear(
