@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -76,6 +78,8 @@ class MaskedLoraLinear(LoraLinear):
 
     def update_layer(self, adapter_name: str, r: int, *args, **kwargs) -> None:
         out_index, in_index = _take_pending_index(self.get_base_layer(), adapter_name)
+        if out_index is None and in_index is None:
+            out_index, in_index = self._combined_adapter_index()
         _refuse_unsupported_options(
             _adapter_options(args, kwargs), masked=out_index is not None or in_index is not None
         )
@@ -90,6 +94,30 @@ class MaskedLoraLinear(LoraLinear):
             if index is not None:
                 # Each layer keeps its own copy: safetensors refuses tensors that share storage.
                 self._index_store(store_name)[adapter_name] = index.to(device, copy=True)
+
+    def _combined_adapter_index(self) -> IndexPair:
+        """The index of an adapter that PEFT's `add_weighted_adapter` is building here; (None, None) otherwise.
+
+        The 'svd' family combines dense delta weights, so its result is a full-size adapter. The other
+        combinations ('cat', 'linear', 'ties', 'dare_*', 'magnitude_prune') combine the factors tensor by
+        tensor, which is meaningful only when every masked source on this layer uses the same neuron index:
+        the result then uses that index too; otherwise it is refused.
+        """
+        call = _weighted_adapter_call()
+        if call is None:
+            return None, None
+        sources, combination = call
+        pairs = [self.neuron_index(name) for name in sources if name in self.lora_A]
+        if all(index is None for pair in pairs for index in pair) or "svd" in combination:
+            return None, None
+        first = pairs[0]
+        if all(_same_index(pair[side], first[side]) for pair in pairs for side in (0, 1)):
+            return tuple(None if index is None else index.clone() for index in first)  # type: ignore[return-value]
+        raise AgmlError(
+            f"add_weighted_adapter(combination_type={combination!r}) combines LoRA factors tensor by tensor, which "
+            f"needs every masked adapter in {list(sources)} to select the same neurons; these differ: use "
+            "combination_type='svd' (or another '*_svd' type)"
+        )
 
     @contextlib.contextmanager
     def _compact_features(self, out_index: torch.Tensor | None, in_index: torch.Tensor | None) -> Iterator[None]:
@@ -297,6 +325,27 @@ def _refuse_unsupported_options(options: Mapping, masked: bool) -> None:
             f"init_lora_weights={init!r} initialises full-size factors from the base weights or from data; "
             "a masked adapter cannot use it (use True, False, 'gaussian' or 'orthogonal')"
         )
+
+
+def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _weighted_adapter_call() -> tuple[list[str], str] | None:
+    """(source adapters, combination type) while PEFT's `LoraModel.add_weighted_adapter` builds an adapter.
+
+    PEFT builds the combined adapter through the ordinary `update_layer` and writes the combined
+    factors afterwards; nothing passed to the layer says so, so the caller's frame is read.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "add_weighted_adapter" and isinstance(frame.f_locals.get("self"), LoraModel):
+                return list(frame.f_locals["adapters"]), str(frame.f_locals["combination_type"])
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 def _runs_hooks(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from tiny_models import tiny_model
 from torch import nn
 
 from agml.errors import AgmlError
-from agml.layers import MaskedLoraLinear, _pending_indices, apply_masked_lora
+from agml.layers import MaskedLoraLinear, _pending_indices, adapter_masks, apply_masked_lora
 from agml.masks import NeuronMasks
 
 OUT_INDEX = torch.tensor([1, 4, 5, 11, 17])
@@ -140,9 +140,14 @@ def test_bitsandbytes_base_with_masked_lora(bits):
 # 3. add_weighted_adapter ---------------------------------------------------------------------------------------------
 
 
-def two_masked_adapters() -> nn.Module:
-    model = apply_masked_lora(tiny_model("llama"), NeuronMasks({1: [3, 10, 40, 63]}), r=4, alpha=8)
-    apply_masked_lora(model, NeuronMasks({1: [0, 5, 6, 7]}), r=4, alpha=8, adapter_name="b")
+SAME = NeuronMasks({1: [3, 10, 40, 63]})
+OTHER = NeuronMasks({1: [0, 5, 6, 7]})
+IDS = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def two_masked_adapters(second: NeuronMasks) -> nn.Module:
+    model = apply_masked_lora(tiny_model("llama"), SAME, r=4, alpha=8)
+    apply_masked_lora(model, second, r=4, alpha=8, adapter_name="b")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -151,24 +156,44 @@ def two_masked_adapters() -> nn.Module:
     return model
 
 
-def test_add_weighted_adapter_svd_equals_both_adapters_active():
-    model = two_masked_adapters()
-    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+def combined_logits(model: nn.Module, combination: str, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with both adapters active, logits of their add_weighted_adapter combination)."""
     model.base_model.set_adapter(["default", "b"])
     with torch.no_grad():
-        both = model(input_ids=ids).logits
-    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "merged", combination_type="svd", svd_rank=8)
+        both = model(input_ids=IDS).logits
+    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "merged", combination_type=combination, **options)
     model.set_adapter("merged")
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, both, atol=1e-5, rtol=1e-5)
+        return both, model(input_ids=IDS).logits
 
 
-def test_add_weighted_adapter_linear_is_refused_clearly():
-    model = two_masked_adapters()
-    model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "merged", combination_type="linear")
-    model.set_adapter("merged")
-    with pytest.raises(AgmlError, match="add_weighted_adapter"):
-        model(input_ids=torch.tensor([[3, 4, 5]]))
+@pytest.mark.parametrize("second", [SAME, OTHER], ids=["same-masks", "other-masks"])
+def test_add_weighted_adapter_svd_equals_both_adapters_active(second):
+    both, merged = combined_logits(two_masked_adapters(second), "svd", svd_rank=8)
+    torch.testing.assert_close(merged, both, atol=1e-5, rtol=1e-5)
+
+
+def test_add_weighted_adapter_cat_on_shared_masks_is_exact_and_masked():
+    model = two_masked_adapters(SAME)
+    both, merged = combined_logits(model, "cat")
+    torch.testing.assert_close(merged, both)
+    assert adapter_masks(model, "merged").to_lists() == SAME.to_lists()
+
+
+def test_add_weighted_adapter_linear_on_shared_masks_keeps_the_mask():
+    model = two_masked_adapters(SAME)
+    _, merged = combined_logits(model, "linear")
+    assert torch.isfinite(merged).all()
+    up = model.get_base_model().model.layers[1].mlp.up_proj
+    assert up.lora_B["merged"].weight.shape == (4, 4)
+    assert torch.equal(up.neuron_index("merged")[0], SAME[1])
+
+
+@pytest.mark.parametrize("combination", ["cat", "linear", "ties"])
+def test_add_weighted_adapter_tensorwise_on_different_masks_is_refused(combination):
+    model = two_masked_adapters(OTHER)
+    with pytest.raises(AgmlError, match="same neurons"):
+        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "merged", combination_type=combination, density=0.5)
 
 
 # 4. in-place ops on the output ---------------------------------------------------------------------------------------
