@@ -67,8 +67,9 @@ class MaskedLoraLinear(LoraLinear):
     """PEFT LoRA `Linear` whose LoRA writes only `out_index` rows and reads only `in_index` columns.
 
     An adapter without indices (e.g. a plain LoRA adapter added to an already masked layer) is a
-    full LoRA. Masked adapters support vanilla LoRA only (no DoRA or other variants, no lora_bias,
-    no data-driven initialisation such as PiSSA/OLoRA); these are refused before anything is built.
+    full LoRA. No adapter may use DoRA or another LoRA variant; a masked adapter may also not use
+    lora_bias or a data-driven initialisation (PiSSA, OLoRA, ...). These are refused before PEFT
+    builds anything.
 
     Forward: the fused `agml_kernels.masked_lora_linear` runs only where it computes exactly what
     PEFT's composition would (see `_fused_path_safe`); everywhere else the layer composes like
@@ -87,8 +88,8 @@ class MaskedLoraLinear(LoraLinear):
         # PEFT create, initialise, place and freeze the compact factors exactly like its own.
         with self._compact_features(out_index, in_index):
             super().update_layer(adapter_name, r, *args, **kwargs)
-        if adapter_name in self.lora_variant or self.lora_bias.get(adapter_name, False):
-            raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants, no lora_bias")
+        if adapter_name in self.lora_variant:
+            raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants")
         device = self.get_base_layer().weight.device
         for store_name, index in ((OUT_INDEX, out_index), (IN_INDEX, in_index)):
             if index is not None:
@@ -231,6 +232,8 @@ class MaskedLoraLinear(LoraLinear):
         weight = base.weight
         return (
             not isinstance(self.scaling[adapter_name], torch.Tensor)
+            and lora_a.bias is None
+            and lora_b.bias is None
             and not self._dropout_active(adapter_name)
             and not torch.is_autocast_enabled(x.device.type)
             and type(x) is torch.Tensor
@@ -317,8 +320,10 @@ def _adapter_options(args: tuple, kwargs: dict) -> Mapping:
 
 def _refuse_unsupported_options(options: Mapping, masked: bool) -> None:
     """Refuse, before PEFT builds anything, the options masked LoRA cannot honour (see the class docstring)."""
-    if options.get("use_dora") or options.get("lora_bias") or options.get("use_alora"):
-        raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants, no lora_bias")
+    if options.get("use_dora") or options.get("use_alora"):
+        raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants")
+    if masked and options.get("lora_bias"):
+        raise AgmlError("masked LoRA supports plain LoRA only: no lora_bias on an adapter with a neuron mask")
     init = options.get("init_lora_weights", True)
     if masked and isinstance(init, str) and init.lower().startswith(_DATA_DRIVEN_INITS):
         raise AgmlError(

@@ -259,6 +259,17 @@ def test_data_driven_init_without_mask_is_left_to_peft():
     assert model.base_model.model[0].lora_A["default"].weight.shape == (4, 10)
 
 
+def test_lora_bias_without_mask_matches_peft():
+    x = torch.randn(3, 10)
+    outputs = []
+    for cls in (PeftLoraLinear, MaskedLoraLinear):
+        model = wrap(two_layer_net(), cls=cls, lora_bias=True)
+        with torch.no_grad():
+            model.base_model.model[0].lora_B["default"].bias.fill_(0.5)
+            outputs.append(model(x))
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
 # 7. mixed precision: bf16 base, fp32 adapter -------------------------------------------------------------------------
 
 
