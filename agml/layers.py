@@ -25,11 +25,14 @@ over, so the same class works with PEFT 0.17 and later (tested here with the ins
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from peft import LoraConfig
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.model import LoraModel
 from torch import nn
 
 from agml.errors import AgmlError
@@ -51,22 +54,58 @@ class MaskedLoraLinear(LoraLinear):
     """PEFT LoRA `Linear` whose LoRA writes only `out_index` rows and reads only `in_index` columns.
 
     An adapter without indices (e.g. a plain LoRA adapter added to an already masked layer) is a
-    full LoRA. Masked adapters support vanilla LoRA only (no DoRA or other variants, no lora_bias).
+    full LoRA. No adapter may use DoRA or another LoRA variant; a masked adapter may also not use
+    lora_bias or a data-driven initialisation (PiSSA, OLoRA, ...). These are refused before PEFT
+    builds anything.
+
+    Forward: the fused `agml_kernels.masked_lora_linear` runs only where it computes exactly what
+    PEFT's composition would (see `_fused_path_safe`); everywhere else the layer composes like
+    PEFT's `lora.Linear`: `base_layer(x)` plus `lora_B(lora_A(dropout(x)))` in the adapter's dtype,
+    with the mask applied by `index_select` on the input columns and `index_add` on the output rows.
     """
 
     def update_layer(self, adapter_name: str, r: int, *args, **kwargs) -> None:
         out_index, in_index = _take_pending_index(self.get_base_layer(), adapter_name)
+        if out_index is None and in_index is None:
+            out_index, in_index = self._combined_adapter_index()
+        _refuse_unsupported_options(
+            _adapter_options(args, kwargs), masked=out_index is not None or in_index is not None
+        )
         # PEFT sizes lora_A/lora_B from in_features/out_features; shrinking them for the call makes
         # PEFT create, initialise, place and freeze the compact factors exactly like its own.
         with self._compact_features(out_index, in_index):
             super().update_layer(adapter_name, r, *args, **kwargs)
-        if adapter_name in self.lora_variant or self.lora_bias.get(adapter_name, False):
-            raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants, no lora_bias")
+        if adapter_name in self.lora_variant:
+            raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants")
         device = self.get_base_layer().weight.device
         for store_name, index in ((OUT_INDEX, out_index), (IN_INDEX, in_index)):
             if index is not None:
                 # Each layer keeps its own copy: safetensors refuses tensors that share storage.
                 self._index_store(store_name)[adapter_name] = index.to(device, copy=True)
+
+    def _combined_adapter_index(self) -> IndexPair:
+        """The index of an adapter that PEFT's `add_weighted_adapter` is building here; (None, None) otherwise.
+
+        The 'svd' family combines dense delta weights, so its result is a full-size adapter. The other
+        combinations ('cat', 'linear', 'ties', 'dare_*', 'magnitude_prune') combine the factors tensor by
+        tensor, which is meaningful only when every masked source on this layer uses the same neuron index:
+        the result then uses that index too; otherwise it is refused.
+        """
+        call = _weighted_adapter_call()
+        if call is None:
+            return None, None
+        sources, combination = call
+        pairs = [self.neuron_index(name) for name in sources if name in self.lora_A]
+        if all(index is None for pair in pairs for index in pair) or "svd" in combination:
+            return None, None
+        first = pairs[0]
+        if all(_same_index(pair[side], first[side]) for pair in pairs for side in (0, 1)):
+            return tuple(None if index is None else index.clone() for index in first)  # type: ignore[return-value]
+        raise AgmlError(
+            f"add_weighted_adapter(combination_type={combination!r}) combines LoRA factors tensor by tensor, which "
+            f"needs every masked adapter in {list(sources)} to select the same neurons; these differ: use "
+            "combination_type='svd' (or another '*_svd' type)"
+        )
 
     @contextlib.contextmanager
     def _compact_features(self, out_index: torch.Tensor | None, in_index: torch.Tensor | None) -> Iterator[None]:
@@ -99,8 +138,24 @@ class MaskedLoraLinear(LoraLinear):
             if name in self._modules and adapter_name in self._modules[name]:
                 del self._modules[name][adapter_name]
 
+    def _check_factor_shapes(self, adapter_name: str) -> None:
+        """Refuse factors that do not fit the adapter's index (what PEFT's tensor-level adapter tools can produce)."""
+        out_index, in_index = self.neuron_index(adapter_name)
+        k_in = self.in_features if in_index is None else in_index.numel()
+        k_out = self.out_features if out_index is None else out_index.numel()
+        a_cols = self.lora_A[adapter_name].weight.shape[1]
+        b_rows = self.lora_B[adapter_name].weight.shape[0]
+        if (a_cols, b_rows) != (k_in, k_out):
+            raise AgmlError(
+                f"adapter {adapter_name!r} has LoRA factors for {a_cols} input columns and {b_rows} output rows, "
+                f"but its neuron index selects {k_in} and {k_out}: it was built by combining masked adapters "
+                "tensor by tensor (e.g. add_weighted_adapter with a 'linear'/'ties'/'dare'/'magnitude_prune'/'cat' "
+                "combination); combine masked adapters with combination_type='svd' (or another '*_svd' type)"
+            )
+
     def dense_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """lora_A (r, in_features) and lora_B (out_features, r) with zeros outside the mask."""
+        self._check_factor_shapes(adapter_name)
         lora_a = self.lora_A[adapter_name].weight
         lora_b = self.lora_B[adapter_name].weight
         out_index, in_index = self.neuron_index(adapter_name)
@@ -119,33 +174,87 @@ class MaskedLoraLinear(LoraLinear):
             lora_a, lora_b = lora_a.float(), lora_b.float()
         return ((lora_b @ lora_a) * self.scaling[adapter]).to(dtype)
 
+    def merge(self, *args, **kwargs) -> None:
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or base.weight.dtype not in _FLOAT_DTYPES:
+            raise AgmlError(
+                f"cannot merge a masked LoRA adapter into a {type(base).__name__} with {base.weight.dtype} weights "
+                "(quantised or custom Linear): use the adapter unmerged"
+            )
+        super().merge(*args, **kwargs)
+
+    def _lora_term(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """scaling * lora_B(lora_A(dropout(x[..., in_index]))) in the adapter's dtype, as PEFT computes it."""
+        self._check_factor_shapes(adapter_name)
+        lora_a = self.lora_A[adapter_name]
+        x = self._cast_input_dtype(self.lora_dropout[adapter_name](x), lora_a.weight.dtype)
+        in_index = self.neuron_index(adapter_name)[1]
+        if in_index is not None:
+            x = x.index_select(-1, in_index)
+        return self.lora_B[adapter_name](lora_a(x)) * self.scaling[adapter_name]
+
     def _add_lora(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """`result` plus the adapter's term on input `x`, with dropout: the path besides the fused op."""
-        out_index, in_index = self.neuron_index(adapter_name)
-        lora_a = self.lora_A[adapter_name].weight.to(x.dtype)
-        lora_b = self.lora_B[adapter_name].weight.to(x.dtype)
-        selected = x if in_index is None else x.index_select(-1, in_index)
-        low = nn.functional.linear(nn.functional.linear(self.lora_dropout[adapter_name](selected), lora_a), lora_b)
-        low = (low * self.scaling[adapter_name]).to(result.dtype)
-        return result + low if out_index is None else result.index_add(-1, out_index, low)
+        """`result` plus the adapter's term on input `x` (out of place; promoted to the wider dtype like PEFT)."""
+        term = self._lora_term(adapter_name, x)
+        out_index = self.neuron_index(adapter_name)[0]
+        if out_index is None:
+            return result + term
+        dtype = torch.promote_types(result.dtype, term.dtype)
+        return result.to(dtype).index_add(-1, out_index, term.to(dtype))
+
+    def _fused_path_safe(self, adapter_name: str, x: torch.Tensor) -> bool:
+        """True where the fused op computes exactly what `base_layer(x)` + the LoRA modules would.
+
+        The fused op reads the weights directly, so it must not skip anything a module call would
+        do: hooks (accelerate offload, DeepSpeed ZeRO-3, user hooks), a base that is not a plain
+        float `nn.Linear` (bitsandbytes/FP8 subclasses, another tuner layer such as LoHa), a tensor
+        scaling (hotswap), autocast, dropout, or mixed dtypes (PEFT runs LoRA in the adapter dtype).
+        """
+        base = self.base_layer
+        lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if type(base) is not nn.Linear or _global_hooks_present():
+            return False
+        if any(_runs_hooks(module) for module in (base, lora_a, lora_b)):
+            return False
+        weight = base.weight
+        return (
+            not isinstance(self.scaling[adapter_name], torch.Tensor)
+            and lora_a.bias is None
+            and lora_b.bias is None
+            and not self._dropout_active(adapter_name)
+            and not torch.is_autocast_enabled(x.device.type)
+            and type(x) is torch.Tensor
+            and type(weight.data) is torch.Tensor
+            and x.dtype in _FLOAT_DTYPES
+            and x.dtype == weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+            and x.device == weight.device == lora_a.weight.device == lora_b.weight.device
+        )
 
     def _fused_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        base = self.get_base_layer()
+        self._check_factor_shapes(adapter_name)
+        base = self.base_layer
         out_index, in_index = self.neuron_index(adapter_name)
-        return masked_lora_linear(
+        result = masked_lora_linear(
             x,
             base.weight,
             base.bias,
-            self.lora_A[adapter_name].weight.to(x.dtype),
-            self.lora_B[adapter_name].weight.to(x.dtype),
+            self.lora_A[adapter_name].weight,
+            self.lora_B[adapter_name].weight,
             self.scaling[adapter_name],
             out_index=out_index,
             in_index=in_index,
         )
+        if result.requires_grad and result._is_view():
+            # A view made inside a custom autograd Function cannot be modified in place (ReLU(inplace=True),
+            # `out += residual`, a tuner layer stacked on top); PEFT's output can, so hand back a fresh tensor.
+            result = result.clone()
+        return result
 
     def _dropout_active(self, adapter_name: str) -> bool:
         dropout = self.lora_dropout[adapter_name]
-        return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+        if isinstance(dropout, nn.Identity):
+            return False
+        return not (isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -160,16 +269,15 @@ class MaskedLoraLinear(LoraLinear):
         active = [name for name in self.active_adapters if name in self.lora_A]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        x = x.to(self.get_base_layer().weight.dtype)
         first, *others = active
-        if self._dropout_active(first):
-            # The fused op feeds one input to the base and the LoRA path; dropout must reach the LoRA path only.
-            result = self._add_lora(self.base_layer(x, *args, **kwargs), first, x)
+        if not args and not kwargs and self._fused_path_safe(first, x):
+            result, pending = self._fused_forward(first, x), others
         else:
-            result = self._fused_forward(first, x)
-        for name in others:
+            result, pending = self.base_layer(x, *args, **kwargs), active
+        result_dtype = result.dtype
+        for name in pending:
             result = self._add_lora(result, name, x)
-        return result
+        return result.to(result_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: Sequence[str], **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -177,12 +285,81 @@ class MaskedLoraLinear(LoraLinear):
             if name not in self.lora_A:  # includes "__base__", PEFT's name for "no adapter"
                 continue
             rows = [i for i, row_adapter in enumerate(adapter_names) if row_adapter == name]
-            sub_batch = x[rows].to(self.get_base_layer().weight.dtype)
-            result[rows] = self._add_lora(result[rows], name, sub_batch)
+            result[rows] = self._add_lora(result[rows], name, x[rows]).to(result.dtype)
         return result
 
     def __repr__(self) -> str:
         return "agml." + super().__repr__().removeprefix("lora.")
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Initialisations computed from the base weights or from data: they assume full-size factors.
+_DATA_DRIVEN_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
+
+
+def _adapter_options(args: tuple, kwargs: dict) -> Mapping:
+    """The adapter's LoRA options, from the `LoraConfig` PEFT >= 0.19 passes or the keywords older releases pass."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, LoraConfig):
+            return vars(value)
+    return kwargs
+
+
+def _refuse_unsupported_options(options: Mapping, masked: bool) -> None:
+    """Refuse, before PEFT builds anything, the options masked LoRA cannot honour (see the class docstring)."""
+    if options.get("use_dora") or options.get("use_alora"):
+        raise AgmlError("masked LoRA supports plain LoRA only: no DoRA or other LoRA variants")
+    if masked and options.get("lora_bias"):
+        raise AgmlError("masked LoRA supports plain LoRA only: no lora_bias on an adapter with a neuron mask")
+    init = options.get("init_lora_weights", True)
+    if masked and isinstance(init, str) and init.lower().startswith(_DATA_DRIVEN_INITS):
+        raise AgmlError(
+            f"init_lora_weights={init!r} initialises full-size factors from the base weights or from data; "
+            "a masked adapter cannot use it (use True, False, 'gaussian' or 'orthogonal')"
+        )
+
+
+def _same_index(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _weighted_adapter_call() -> tuple[list[str], str] | None:
+    """(source adapters, combination type) while PEFT's `LoraModel.add_weighted_adapter` builds an adapter.
+
+    PEFT builds the combined adapter through the ordinary `update_layer` and writes the combined
+    factors afterwards; nothing passed to the layer says so, so the caller's frame is read.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "add_weighted_adapter" and isinstance(frame.f_locals.get("self"), LoraModel):
+                return list(frame.f_locals["adapters"]), str(frame.f_locals["combination_type"])
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _runs_hooks(module: nn.Module) -> bool:
+    """True when calling `module` does more than its `forward` (hooks, accelerate's `_hf_hook`, a patched forward)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or hasattr(module, "_hf_hook")
+        or "forward" in vars(module)
+    )
+
+
+def _global_hooks_present() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
 
 
 def _take_pending_index(base_layer: nn.Module, adapter_name: str) -> IndexPair:
