@@ -36,7 +36,7 @@ from peft.tuners.lora.model import LoraModel
 from torch import nn
 
 from agml.errors import AgmlError
-from agml_kernels import masked_lora_linear
+from agml_kernels import masked_lora_linear, prepare_masked_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -233,7 +233,6 @@ class MaskedLoraLinear(LoraLinear):
     def _fused_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         self._check_factor_shapes(adapter_name)
         base = self.base_layer
-        out_index, in_index = self.neuron_index(adapter_name)
         result = masked_lora_linear(
             x,
             base.weight,
@@ -241,14 +240,30 @@ class MaskedLoraLinear(LoraLinear):
             self.lora_A[adapter_name].weight,
             self.lora_B[adapter_name].weight,
             self.scaling[adapter_name],
-            out_index=out_index,
-            in_index=in_index,
+            **self._kernel_plan(adapter_name),
         )
         if result.requires_grad and result._is_view():
             # A view made inside a custom autograd Function cannot be modified in place (ReLU(inplace=True),
             # `out += residual`, a tuner layer stacked on top); PEFT's output can, so hand back a fresh tensor.
             result = result.clone()
         return result
+
+    def _kernel_plan(self, adapter_name: str) -> dict:
+        """The adapter's indices checked once and their column positions, cached until an index changes.
+
+        Checking indices synchronises with the host; doing it once per adapter keeps every later forward free of
+        device->host syncs (docs/architecture.md, "Kernels"). The cache key notices a moved (`.to`) or
+        rewritten (`load_state_dict` copies in place, which bumps the tensor's version) index.
+        """
+        out_index, in_index = self.neuron_index(adapter_name)
+        key = tuple(None if t is None else (id(t), t.device, t._version) for t in (out_index, in_index))
+        plans = self.__dict__.setdefault("_agml_kernel_plans", {})
+        cached = plans.get(adapter_name)
+        if cached is None or cached[0] != key:
+            base = self.get_base_layer()
+            cached = (key, prepare_masked_lora(out_index, in_index, base.out_features, base.in_features))
+            plans[adapter_name] = cached
+        return cached[1]
 
     def _dropout_active(self, adapter_name: str) -> bool:
         dropout = self.lora_dropout[adapter_name]
