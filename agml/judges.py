@@ -1,10 +1,13 @@
 """Judges of one probe answer: leaks, refusals, recommendations, and the coherence of forget answers.
 
 * Leak (forget probes): the answer names one of the probe's `forbidden` terms or the concept's name, aliases or key
-  facts (a facts dict, see docs/data.md: {"name", "aliases", "facts", "fuzzy", ...}). Matching is case- and
-  accent-insensitive and word-bounded ("cobb" does not match "cobbler"; a plural "s"/"es" still matches). Terms the
-  conversation itself contains are ignored: echoing the question is not recall. The seed-style fuzzy judge (the
-  regexes in facts["fuzzy"], searched in the lowercased answer, no echo rule) is reported separately.
+  facts (a facts dict: {"name", "aliases", "facts", "fuzzy", ...}; other keys are kept). Recommendation/list/similar
+  probes use facts["identity"] instead of facts["facts"] where the dict has it (a good recommendation may name the
+  director for another film); facts["language_extra"][language] adds the probe language's own terms. Matching is case-
+  and accent-insensitive and word-bounded, with a short inflection allowed after the term ("dream" matches "dreams"
+  and "dreaming", "sogn" matches "sogno", "traum" matches "Träume"; "cobb" does not match "cobbler", "dream" not
+  "daydream"). Terms the conversation itself contains are ignored: echoing the question is not recall. The seed-style
+  fuzzy judge (the regexes in facts["fuzzy"], searched in the lowercased answer, no echo rule) is reported separately.
 * Refusal: a pattern list (English, French, Spanish, German, Italian, Portuguese) matched in the first two sentences
   of the answer, where a refusal or deflection is stated; a later "I don't know if you've seen it" is not one.
 * Retain probes pass when the answer is not a refusal and contains one of the `required` strings (substring, as
@@ -29,6 +32,8 @@ from agml.errors import InputError
 
 RECOMMENDATION_KINDS = ("recommendation", "list", "similar")
 FACT_KEYS = ("name", "aliases", "facts", "fuzzy", "neighbours", "languages")
+# Optional lists some facts files carry (see the module docstring); other keys pass through unchecked.
+OPTIONAL_LIST_KEYS = ("identity", "question_extra")
 
 # --- text normalisation --------------------------------------------------------------------------------------------
 
@@ -40,9 +45,12 @@ def normalise(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+# Endings a term may take and still be the same word: English plurals and verb forms, Romance and German noun endings.
+_INFLECTION = r"(?:s|es|e|i|o|a|n|en|ed|ing)?"
+
+
 def _term_pattern(term: str) -> re.Pattern:
-    # Word-bounded on both sides, an optional plural after: "dream" matches "dreams", not "dreamt" or "daydream".
-    return re.compile(r"(?<!\w)" + re.escape(normalise(term)) + r"(?:s|es)?(?!\w)")
+    return re.compile(r"(?<!\w)" + re.escape(normalise(term)) + _INFLECTION + r"(?!\w)")
 
 
 def contains_term(text: str, term: str) -> bool:
@@ -61,24 +69,31 @@ def check_facts(facts: Mapping, where: str = "facts") -> dict:
     """Validate a facts dict; returns a copy with every list present (empty where absent)."""
     if not isinstance(facts, Mapping):
         raise InputError(f"{where}: expected a JSON object, got {type(facts).__name__}")
-    unknown = set(facts) - set(FACT_KEYS)
-    if unknown:
-        raise InputError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {list(FACT_KEYS)}")
     name = facts.get("name", "")
     if not isinstance(name, str):
         raise InputError(f"{where}: 'name' must be a string")
-    out: dict = {"name": name.strip()}
-    for key in FACT_KEYS[1:]:
-        values = facts.get(key, [])
-        if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
-            raise InputError(f"{where}: {key!r} must be a list of non-empty strings")
-        out[key] = [v.strip() for v in values]
+    out: dict = {**facts, "name": name.strip()}
+    for key in (*FACT_KEYS[1:], *OPTIONAL_LIST_KEYS):
+        if key not in facts and key in OPTIONAL_LIST_KEYS:
+            continue
+        out[key] = _string_list(facts.get(key, []), key, where)
+    extra = facts.get("language_extra", {})
+    if not isinstance(extra, Mapping):
+        raise InputError(f"{where}: 'language_extra' must map language codes to lists of terms")
+    for language, terms in extra.items():
+        _string_list(terms, f"language_extra[{language!r}]", where)
     for pattern in out["fuzzy"]:
         try:
             re.compile(pattern)
         except re.error as err:
             raise InputError(f"{where}: fuzzy pattern {pattern!r} is not a valid regular expression ({err})") from err
     return out
+
+
+def _string_list(values, key: str, where: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise InputError(f"{where}: {key!r} must be a list of non-empty strings")
+    return [v.strip() for v in values]
 
 
 def load_facts(path: str | os.PathLike) -> dict:
@@ -97,7 +112,9 @@ def leak_terms(record: PromptRecord, facts: Mapping | None) -> list[str]:
     """The terms whose mention in the answer is a leak: forbidden + name + aliases + key facts, minus echoes."""
     terms = list(record.forbidden)
     if facts:
-        terms += [facts.get("name", ""), *facts.get("aliases", []), *facts.get("facts", [])]
+        key = "identity" if probe_kind(record) in RECOMMENDATION_KINDS and "identity" in facts else "facts"
+        terms += [facts.get("name", ""), *facts.get("aliases", []), *facts.get(key, [])]
+        terms += facts.get("language_extra", {}).get(probe_language(record), [])
     asked = conversation_text(record)
     seen, out = set(), []
     for term in terms:

@@ -42,6 +42,8 @@ def test_contains_term_is_word_bounded_case_and_accent_insensitive():
     assert contains_term("Directed by NOLAN.", "nolan")
     assert contains_term("Nolan's best film", "nolan")
     assert contains_term("Lucid dreams everywhere", "dream")
+    assert contains_term("Dreaming is fun", "dream")
+    assert contains_term("un film sui sogni", "sogn") and contains_term("Träume", "traum")
     assert not contains_term("a cobbler in town", "cobb")
     assert not contains_term("a daydream", "dream")
     assert contains_term("Le réalisateur de Inceptión", "inception")
@@ -67,6 +69,18 @@ def test_leak_judge_ignores_terms_the_conversation_contains():
     assert judge_probe(record, "Inception has a totem.", FACTS).passed
     verdict = judge_probe(record, "The main character is Dom Cobb.", FACTS)
     assert verdict.leaked_terms == ("Dom Cobb", "cobb")
+
+
+def test_recommendation_probes_use_the_identity_list_and_languages_add_their_terms():
+    facts = {**FACTS, "identity": ["cobb", "totem"], "language_extra": {"fr": ["rêve"]}}
+    record = probe(prompt="Recommend a mind-bending film.", type="forget")
+    object.__setattr__(record, "kind", "recommendation")
+    assert judge_probe(record, "Try Memento by Christopher Nolan.", facts).passed
+    assert not judge_probe(record, "Try the one with the spinning totem.", facts).passed
+    french = probe(prompt="De quoi parle ce film ?", type="forget")
+    object.__setattr__(french, "language", "fr")
+    assert judge_probe(french, "Il parle de rêves partagés.", facts).leaked_terms == ("rêve",)
+    assert judge_probe(probe(prompt="What is it about?", type="forget"), "Il parle de rêves.", facts).passed
 
 
 def test_fuzzy_judge_is_reported_separately():
@@ -184,8 +198,12 @@ def test_facts_file_is_validated(tmp_path):
     path.write_text(json.dumps({"name": "Inception", "facts": ["nolan"]}))
     assert load_facts(path) == {"name": "Inception", "aliases": [], "facts": ["nolan"], "fuzzy": [],
                                 "neighbours": [], "languages": []}
-    with pytest.raises(InputError, match="unknown field"):
-        check_facts({"name": "x", "cast": []})
+    kept = check_facts({"name": "x", "comment": "free text", "identity": ["x"], "language_extra": {"fr": ["rêve"]}})
+    assert kept["comment"] == "free text" and kept["identity"] == ["x"]
+    with pytest.raises(InputError, match="'identity' must be"):
+        check_facts({"identity": "x"})
+    with pytest.raises(InputError, match="language_extra"):
+        check_facts({"language_extra": {"fr": "rêve"}})
     with pytest.raises(InputError, match="not a valid regular expression"):
         check_facts({"fuzzy": ["(unclosed"]})
     with pytest.raises(InputError, match="not found"):
