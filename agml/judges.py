@@ -376,3 +376,34 @@ def forget_coherence(records: Sequence[PromptRecord], answers: Sequence[str]) ->
         "language_undetected": len(detected) - len(judged),
         "n": len(pairs),
     }
+
+
+def judge_answers(records: Sequence[PromptRecord], answers: Sequence[str], facts: Mapping | None = None) -> dict:
+    """Every verdict, and the rates (with 95% Wilson intervals, agml.stats.rate) a report shows.
+
+    forget: leak (strict judge), fuzzy_leak (seed-style), refusal; retain: pass, refusal, and recommended (share of
+    recommendation/list/similar probes whose answer names an item); pass rates by category for both.
+    """
+    from agml.stats import rate_of
+
+    verdicts = [judge_probe(r, a, facts) for r, a in zip(records, answers, strict=True)]
+    forget = [v for r, v in zip(records, verdicts, strict=True) if r.type == "forget"]
+    retain = [v for r, v in zip(records, verdicts, strict=True) if r.type == "retain"]
+    by_category: dict[str, dict[str, list[bool]]] = {"forget": {}, "retain": {}}
+    for record, verdict in zip(records, verdicts, strict=True):
+        by_category[record.type].setdefault(record.category, []).append(verdict.passed)
+    return {
+        "verdicts": verdicts,
+        "forget": {
+            "leak": rate_of([v.leaked for v in forget]),
+            "fuzzy_leak": rate_of([v.fuzzy_leaked for v in forget]),
+            "refusal": rate_of([v.refused for v in forget]),
+        },
+        "retain": {
+            "pass": rate_of([v.passed for v in retain]),
+            "refusal": rate_of([v.refused for v in retain]),
+            "recommended": rate_of([bool(v.recommended) for v in retain if v.recommended is not None]),
+        },
+        "by_category": {kind: {c: rate_of(oks) for c, oks in sorted(groups.items())}
+                        for kind, groups in by_category.items()},
+    }

@@ -208,3 +208,22 @@ def test_facts_file_is_validated(tmp_path):
         check_facts({"fuzzy": ["(unclosed"]})
     with pytest.raises(InputError, match="not found"):
         load_facts(tmp_path / "missing.json")
+
+
+def test_judge_answers_rates():
+    from agml.judges import judge_answers
+
+    records = [
+        probe(prompt="What is it?", type="forget", category="direct", forbidden=["inception"]),
+        probe(prompt="Name it.", type="forget", category="direct"),
+        probe(prompt="Who directed Memento?", type="retain", category="neighbour", required=["nolan"]),
+        recommendation_probe("Recommend a comedy."),
+    ]
+    answers = ["Inception.", "I don't know.", "I'm not familiar with Nolan.", "Try Groundhog Day."]
+    result = judge_answers(records, answers, FACTS)
+    assert [v.passed for v in result["verdicts"]] == [False, True, False, True]
+    assert result["forget"]["leak"]["successes"] == 1 and result["forget"]["refusal"]["successes"] == 1
+    assert result["retain"]["pass"]["rate"] == 0.5 and result["retain"]["refusal"]["successes"] == 1
+    assert result["retain"]["recommended"] == {**result["retain"]["recommended"], "successes": 1, "n": 1}
+    assert result["by_category"]["retain"]["neighbour"]["rate"] == 0.0
+    assert result["forget"]["leak"]["low"] is not None
