@@ -1,4 +1,4 @@
-"""Batched greedy generation through the chat template (deterministic)."""
+"""Batched generation through the chat template: greedy answers, and seeded samples (best-of-n judging)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from agml import distributed
 from agml.data import pad_token_id, prompt_ids
+from agml.errors import InputError
 
 
 @torch.no_grad()
@@ -26,6 +27,45 @@ def greedy_answers(
     padded to equal length and generation is synchronised (`synced_gpus`): a sharded (FSDP) model makes every
     forward a collective, so all processes must run the same batches for the same number of steps.
     """
+    answers = _generate(model, tokenizer, conversations, max_new_tokens, batch_size, desc, 1, do_sample=False)
+    return [samples[0] for samples in answers]
+
+
+@torch.no_grad()
+def sampled_answers(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    n: int = 5,
+    temperature: float = 0.7,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str | None = None,
+) -> list[list[str]]:
+    """`n` sampled answers per conversation (plain temperature sampling: no top-k/top-p cut).
+
+    Seeded: the same model, conversations, seed and batch size give the same samples (the random state is forked,
+    so the caller's is untouched). Under several processes each shard draws from seed + its rank.
+    """
+    if n < 1:
+        raise InputError(f"the number of samples must be >= 1, got {n}")
+    if not temperature > 0:
+        raise InputError(f"the sampling temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + distributed.rank())
+        return _generate(
+            model, tokenizer, conversations, max_new_tokens, batch_size, desc, n,
+            do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        )
+
+
+def _generate(
+    model, tokenizer, conversations, max_new_tokens: int, batch_size: int, desc: str | None, n: int, **sampling
+) -> list[list[str]]:
+    """n answers per conversation, in input order (see greedy_answers for the batching and sharding)."""
     total = len(conversations)
     conversations, real = distributed.padded_shard(conversations)
     pad = pad_token_id(tokenizer)
@@ -33,7 +73,7 @@ def greedy_answers(
     encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
     # Sort by length so batches pad little; answers come back in input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers: list[str] = [""] * len(encoded)
+    answers: list[list[str]] = [[] for _ in encoded]
     was_training = model.training
     model.eval()
     starts = range(0, len(order), batch_size)
@@ -49,13 +89,14 @@ def greedy_answers(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            num_return_sequences=n,
             pad_token_id=pad,
             eos_token_id=_stop_ids(tokenizer),
             synced_gpus=distributed.world_size() > 1,
+            **sampling,
         )
-        for r, i in enumerate(rows):
-            answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+        for r, i in enumerate(rows):  # generate returns the n sequences of each input next to each other
+            answers[i] = [tokenizer.decode(out[r * n + j, width:], skip_special_tokens=True).strip() for j in range(n)]
     model.train(was_training)
     return distributed.gather_sharded(answers[:real], total)
 

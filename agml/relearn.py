@@ -1,43 +1,87 @@
 """Relearning attack: how much of the forgotten concept comes back after a little fine-tuning on it?
 
-The attacker takes the unlearned model (the agml adapter merged into a copy of the base weights, then frozen), puts a
-fresh plain LoRA (rank 8, every linear layer but the output head) on top and trains it for a few steps on a small
-slice of the forget answers (the base model's original answers, i.e. exactly what was meant to be suppressed). The
-forget probes are then answered again. For reference the same attack (same LoRA initialisation, data, order, steps and
-learning rate) runs on a copy of the base model. The caller's model is never modified; the copies cost one extra model
-in memory at a time.
+The attacker takes the unlearned model (the agml adapter merged into a copy of the base weights) and fine-tunes it on
+facts about the concept that the probes do NOT ask (`<slug>_relearn.jsonl`: records with a written `answer`, checked
+disjoint from the probes), each answer in full, ended by the chat template's own end-of-turn marker (nothing cut,
+nothing appended: a cut answer with an end-of-turn teaches the model to answer briefly, which lowers leaks by itself).
+Two attackers:
+
+* `lora` (default): a fresh plain LoRA (rank 8) on every linear layer but the output head; lr 1e-3.
+* `full`: every weight of the copy is trained; lr 1e-5 (a full fine-tune at 1e-3 wrecks a small model).
+
+The forget probes are then answered again and judged with agml.judges (a leak = the answer names the concept or a
+key fact). The same attack (same initialisation, data, order, steps, learning rate) runs on a copy of the base model
+as the control: it shows what the attack data alone does to the leak rate.
+
+recovery = (leak_after_attack - leak_after_unlearning) / (leak_base - leak_after_unlearning), all on the unlearned
+model except leak_base (the base model before the attack): 0 = nothing came back, 1 = back to the base's leak rate.
+It is undefined (None) when unlearning removed no leaks on these probes (denominator <= 0).
+
+The caller's model is never modified; the copies cost one extra model in memory at a time.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from agml.data import Example, PromptRecord, build_example, collate, conversation_key, pad_token_id
+from agml.data import Example, PromptRecord, build_example, collate, conversation_key, load_prompts, pad_token_id
 from agml.errors import InputError
-from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
+from agml.judges import judge_probe
+from agml.stats import rate
 
 ATTACK_RANK = 8
-DEFAULT_LR = 3e-4
-DEFAULT_EXAMPLES = 8
+DEFAULT_STEPS = 50
+DEFAULT_LR = 1e-3
+DEFAULT_FULL_LR = 1e-5
+DEFAULT_EXAMPLES = 64
 DEFAULT_BATCH_SIZE = 4
+VARIANTS = ("lora", "full")
 _MAX_GRAD_NORM = 1.0
 
 
+# --- attack data ---------------------------------------------------------------------------------------------------
+
+
+def load_attack_records(path) -> list[PromptRecord]:
+    """Read a relearning-attack JSONL file (probe schema, every record with an `answer`)."""
+    records = load_prompts(path, default_type="forget")
+    unanswered = [r.source for r in records if not r.answer]
+    if unanswered:
+        raise InputError(f"relearning-attack records need an 'answer'; missing at {', '.join(unanswered[:3])}")
+    return records
+
+
+def check_disjoint(attack_records: Sequence[PromptRecord], probes: Sequence[PromptRecord]) -> None:
+    """Refuse attack data that asks what a probe asks (same normalised conversation)."""
+    probed = {conversation_key(p) for p in probes}
+    shared = [r for r in attack_records if conversation_key(r) in probed]
+    if shared:
+        listed = "; ".join(repr(r.prompt) for r in shared[:3])
+        raise InputError(f"{len(shared)} relearning-attack record(s) ask what a probe asks, e.g. {listed}: "
+                         "the attack must train on facts the probes do not ask")
+
+
 def attack_slice(
-    forget_records: Sequence[PromptRecord], probes: Sequence[PromptRecord], n_examples: int, seed: int
+    records: Sequence[PromptRecord], probes: Sequence[PromptRecord], n_examples: int, seed: int
 ) -> list[PromptRecord]:
-    """A seeded sample of forget records with answers, none sharing its conversation with a probe."""
-    probed = {conversation_key(probe) for probe in probes}
-    pool = [r for r in forget_records if r.type == "forget" and r.answer and conversation_key(r) not in probed]
+    """A seeded sample of at most n_examples answered records (in file order when all fit), disjoint from the probes."""
+    pool = [r for r in records if r.answer]
     if not pool:
-        raise InputError("the relearning attack needs forget records with answers that are not also probes; found none")
-    return random.Random(seed).sample(pool, min(n_examples, len(pool)))
+        raise InputError("the relearning attack needs records with answers (relearn data or forget records with "
+                         "answers); found none")
+    check_disjoint(pool, probes)
+    if n_examples >= len(pool):
+        return list(pool)
+    return random.Random(seed).sample(pool, n_examples)
+
+
+# --- model copies --------------------------------------------------------------------------------------------------
 
 
 def merged_copy(peft_model) -> torch.nn.Module:
@@ -58,6 +102,17 @@ def add_attack_lora(model: torch.nn.Module, seed: int, rank: int = ATTACK_RANK):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+def attacker(model: torch.nn.Module, variant: str, seed: int) -> torch.nn.Module:
+    """The copy prepared for the attack: a fresh LoRA on it, or all its weights trainable."""
+    if variant == "lora":
+        return add_attack_lora(model, seed)
+    model.requires_grad_(True)
+    return model
+
+
+# --- training and judging ------------------------------------------------------------------------------------------
 
 
 def train_steps(
@@ -86,59 +141,88 @@ def train_steps(
     return losses
 
 
-def forget_pass_rate(model, tokenizer, probes: Sequence[PromptRecord], max_new_tokens: int, batch_size: int) -> float:
+def leak_count(
+    model, tokenizer, probes: Sequence[PromptRecord], facts: Mapping | None, max_new_tokens: int, batch_size: int
+) -> int:
+    """How many forget probes the model's greedy answers leak on (agml.judges.judge_probe)."""
     answers = greedy_answers(model, tokenizer, [p.messages for p in probes], max_new_tokens, batch_size)
-    return sum(probe_passes(p, a) for p, a in zip(probes, answers, strict=True)) / len(probes)
+    return sum(not judge_probe(p, a, facts).passed for p, a in zip(probes, answers, strict=True))
 
 
-def relearn_attack(
-    model,
-    tokenizer,
-    forget_records: Sequence[PromptRecord],
-    probes: Sequence[PromptRecord],
-    steps: int,
-    lr: float = DEFAULT_LR,
-    n_examples: int = DEFAULT_EXAMPLES,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    seed: int = 0,
-    max_new_tokens: int = 64,
-    eval_batch_size: int = 16,
-    progress: bool = True,
-) -> dict:
-    """Attack the unlearned PeftModel and, for reference, its base model; forget pass rates before/after each."""
+def recovery(leak_base: float, leak_unlearned: float, leak_attacked: float) -> float | None:
+    """(attacked - unlearned) / (base - unlearned); None when unlearning removed no leaks (denominator <= 0)."""
+    removed = leak_base - leak_unlearned
+    return None if removed <= 0 else (leak_attacked - leak_unlearned) / removed
+
+
+def _check_arguments(steps: int, lr: float, n_examples: int, batch_size: int, variant: str) -> None:
     if steps < 1:
         raise InputError(f"relearning steps must be >= 1, got {steps}")
     if not lr > 0:
         raise InputError(f"relearning learning rate must be > 0, got {lr}")
     if n_examples < 1 or batch_size < 1:
         raise InputError(f"relearning examples and batch size must be >= 1, got {n_examples} and {batch_size}")
+    if variant not in VARIANTS:
+        raise InputError(f"relearning variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+def relearn_attack(
+    model,
+    tokenizer,
+    attack_records: Sequence[PromptRecord],
+    probes: Sequence[PromptRecord],
+    steps: int = DEFAULT_STEPS,
+    lr: float | None = None,
+    n_examples: int = DEFAULT_EXAMPLES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    eval_batch_size: int = 16,
+    progress: bool = True,
+    facts: Mapping | None = None,
+    variant: str = "lora",
+) -> dict:
+    """Attack the unlearned PeftModel and, as the control, its base model; leak rates, recovery (module docstring).
+
+    `lr` defaults to 1e-3 for the LoRA attacker and 1e-5 for the full fine-tune.
+    """
+    lr = (DEFAULT_LR if variant == "lora" else DEFAULT_FULL_LR) if lr is None else lr
+    _check_arguments(steps, lr, n_examples, batch_size, variant)
     forget_probes = [p for p in probes if p.type == "forget"]
     if not forget_probes:
         raise InputError("the relearning attack needs forget probes; the probe set has none")
-    chosen = attack_slice(forget_records, probes, n_examples, seed)
+    chosen = attack_slice(attack_records, probes, n_examples, seed)
     examples = [build_example(tokenizer, r.messages, r.answer) for r in chosen]
-    forget_pass, losses = {}, {}
+    leaks, losses = {}, {}
     for name, make_copy in (("unlearned", merged_copy), ("base", base_copy)):
-        attacked = add_attack_lora(make_copy(model), seed)
-        forget_pass[f"{name}_before_attack"] = forget_pass_rate(
-            attacked, tokenizer, forget_probes, max_new_tokens, eval_batch_size
+        attacked = attacker(make_copy(model), variant, seed)
+        leaks[f"{name}_before_attack"] = leak_count(
+            attacked, tokenizer, forget_probes, facts, max_new_tokens, eval_batch_size
         )
         losses[name] = train_steps(
             attacked, tokenizer, examples, steps, lr, batch_size, seed, f"relearn ({name})" if progress else None
         )
-        forget_pass[f"{name}_after_attack"] = forget_pass_rate(
-            attacked, tokenizer, forget_probes, max_new_tokens, eval_batch_size
+        leaks[f"{name}_after_attack"] = leak_count(
+            attacked, tokenizer, forget_probes, facts, max_new_tokens, eval_batch_size
         )
         del attacked
+    n = len(forget_probes)
+    order = ("unlearned_before_attack", "unlearned_after_attack", "base_before_attack", "base_after_attack")
+    leak_rate = {key: leaks[key] / n for key in order}
     return {
-        "forget_pass": {key: forget_pass[key] for key in (
-            "unlearned_before_attack", "unlearned_after_attack", "base_before_attack", "base_after_attack"
-        )},
+        "variant": variant,
+        "leak_rate": leak_rate,
+        "leaks": {key: rate(leaks[key], n) for key in order},
+        # Pass rate = 1 - leak rate, in the shape `agml eval` printed before.
+        "forget_pass": {key: 1.0 - leak_rate[key] for key in order},
+        "recovery": recovery(leak_rate["base_before_attack"], leak_rate["unlearned_before_attack"],
+                             leak_rate["unlearned_after_attack"]),
+        "base_control_change": leak_rate["base_after_attack"] - leak_rate["base_before_attack"],
         "steps": steps,
         "examples": len(examples),
         "lr": lr,
         "batch_size": batch_size,
         "seed": seed,
-        "probes": len(forget_probes),
+        "probes": n,
         "losses": losses,
     }
