@@ -23,10 +23,13 @@ SLUGS = ("inception", "harry-potter", "iphone")
 LANGUAGES = {"fr", "es", "de", "it", "pt"}
 FORGET_CATEGORIES = {"paraphrase", "description", "multi-turn", "typo", "other-language", "role-play", "cloze"}
 REQUEST_KINDS = {"recommendation", "list", "similar"}
-# Two prompts are near-duplicates when their normalised texts are this similar (difflib ratio ~ 1 - normalised
-# edit distance) or share this fraction of their words (Jaccard). Same template with another entity stays below.
-SIMILAR_RATIO = 0.9
-SIMILAR_JACCARD = 0.8
+# Two prompts are near-duplicates when they share this fraction of their words (Jaccard), or when every word-level
+# difference between them is small: a misspelling, a split or merged word (at most two words on either side, edit
+# similarity at least TYPO_RATIO, i.e. about one edit in five letters) or one short word added or dropped.
+# Swapping the entity ("Who directed X?" / "Who directed Y?") is a real difference.
+SIMILAR_JACCARD = 0.9
+TYPO_RATIO = 0.75
+SHORT_WORD = 4
 
 
 def normalise(text: str) -> str:
@@ -37,13 +40,22 @@ def record_text(record) -> str:
     return normalise(" ".join(m["content"] for m in record.messages if m["role"] == "user"))
 
 
+def _small_edit(old: list[str], new: list[str]) -> bool:
+    if not old or not new:
+        return len(old + new) == 1 and len((old + new)[0]) <= SHORT_WORD
+    if len(old) > 2 or len(new) > 2:
+        return False
+    return SequenceMatcher(None, "".join(old), "".join(new), autojunk=False).ratio() >= TYPO_RATIO
+
+
 def near_duplicate(a: str, b: str) -> bool:
-    words_a, words_b = set(a.split()), set(b.split())
-    if len(words_a & words_b) / len(words_a | words_b) >= SIMILAR_JACCARD:
+    words_a, words_b = a.split(), b.split()
+    if len(set(words_a) & set(words_b)) / len(set(words_a) | set(words_b)) >= SIMILAR_JACCARD:
         return True
-    matcher = SequenceMatcher(None, a, b, autojunk=False)
-    return matcher.real_quick_ratio() >= SIMILAR_RATIO and matcher.quick_ratio() >= SIMILAR_RATIO \
-        and matcher.ratio() >= SIMILAR_RATIO
+    edits = [(words_a[i1:i2], words_b[j1:j2])
+             for tag, i1, i2, j1, j2 in SequenceMatcher(None, words_a, words_b, autojunk=False).get_opcodes()
+             if tag != "equal"]
+    return all(_small_edit(old, new) for old, new in edits)
 
 
 @cache
@@ -71,12 +83,30 @@ def training_and_dev(slug):
     return training, dev, relearn
 
 
-def test_near_duplicate_rule():
-    typo, original = "Tell me about the movie Inceptoin.", "Tell me about the movie Inception"
-    assert near_duplicate(normalise(typo), normalise(original))
-    assert near_duplicate(normalise("Who directed Inception?"), normalise("who directed inception"))
-    assert not near_duplicate(normalise("What is the capital of Italy?"), normalise("What is the capital of Spain?"))
-    assert not near_duplicate(normalise("Who directed Batman Begins?"), normalise("Who directed The Dark Knight?"))
+SAME = [
+    ("Tell me about the movie Inceptoin.", "Tell me about the movie Inception"),
+    ("Who directed Inception?", "who directed inception"),
+    ("whats harry potter", "What is Harry Potter?"),
+    ("tell me about harrypotter", "Tell me about Harry Poter."),
+    ("What is an iphnoe?", "what is iphnoe"),
+]
+DIFFERENT = [
+    ("What is the capital of Italy?", "What is the capital of Spain?"),
+    ("What is the movie Gattaca about?", "What is the movie Titanic about?"),
+    ("Who directed Batman Begins?", "Who directed The Dark Knight?"),
+    ("What is Harry Potter's owl called?", "What is Harry Potter's wand?"),
+    ("What is the name of Harry Potter's owl?", "What is the name of Harry Potter's cousin?"),
+    ("Who came up with Harry Potter?", "whats harrypotter"),
+]
+
+
+PAIRS = [(*pair, True) for pair in SAME] + [(*pair, False) for pair in DIFFERENT]
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), PAIRS)
+def test_near_duplicate_rule(a, b, expected):
+    assert near_duplicate(normalise(a), normalise(b)) is expected
+    assert near_duplicate(normalise(b), normalise(a)) is expected
 
 
 @pytest.mark.parametrize("slug", SLUGS)
@@ -104,6 +134,8 @@ def test_test_split_sizes_and_categories(slug):
     assert len(generic) >= 20 and all(p.kind == "recommendation" for p in generic)
     assert all(p.required for p in retain if p.category != "generic-recommendation")
     assert all(w == w.lower() for p in retain for w in p.required)
+    # a required word that the question itself contains would pass an answer that only echoes the question
+    assert not [(p.prompt, w) for p in retain for w in p.required if w in p.prompt.lower()]
     assert LANGUAGES <= {p.language for p in retain}
     assert len({record_text(p) for p in probes}) == len(probes)
 
@@ -174,3 +206,21 @@ def test_every_shipped_prompt_file_parses():
     for path in sorted(dataset_path("inception_forget.jsonl").parent.glob("*.jsonl")):
         if path.name != "general_knowledge_mc.jsonl":
             assert load_prompts(path)
+
+
+def test_kind_and_language_fields_parse_round_trip_and_are_checked():
+    from agml.data import parse_record
+    from agml.errors import InputError
+
+    obj = {"prompt": "Films like Tenet?", "type": "forget", "forbidden": ["inception"], "kind": "similar",
+           "language": "en"}
+    record = parse_record(obj, "x:1")
+    assert (record.kind, record.language) == ("similar", "en")
+    assert parse_record(record.to_json(), "x:2") == record
+    assert "kind" not in parse_record({"prompt": "Hi", "type": "retain"}, "x:3").to_json()
+    french = parse_record({"prompt": "Salut", "type": "retain", "language": "fr"}, "x:4")
+    assert french.to_json()["language"] == "fr" and french.with_answer("Bonjour").language == "fr"
+    with pytest.raises(InputError, match="x:5: 'kind'"):
+        parse_record({"prompt": "Hi", "type": "retain", "kind": "poem"}, "x:5")
+    with pytest.raises(InputError, match="x:6: 'language'"):
+        parse_record({"prompt": "Hi", "type": "retain", "language": "French"}, "x:6")

@@ -98,7 +98,7 @@ FORGET = [
                                          "Which one has DiCaprio in it?")),
     # typos
     ("typo", "question", "en", "what is incepton about"),
-    ("typo", "question", "en", "Who directed Inceptoin?"),
+    ("typo", "question", "en", "Inceptoin director?"),
     ("typo", "question", "en", "tell me the plot of the movie Inceptio"),
     ("typo", "question", "en", "Who starred in Incpetion?"),
     ("typo", "question", "en", "Is Innception worth watching?"),
@@ -140,7 +140,7 @@ FORGET = [
 
 # Retain: neighbours of Inception (same director, actors, genre) that no training set mentions.
 NEIGHBOUR = [
-    ("Who directed Batman Begins?", ["nolan"]),
+    ("What is Batman Begins about?", ["bruce wayne", "gotham", "origin", "wayne", "ninja"]),
     ("Who plays Batman in Batman Begins?", ["bale"]),
     ("Who directed the 2002 thriller Insomnia starring Al Pacino?", ["nolan"]),
     ("Who plays Frank Abagnale in Catch Me If You Can?", ["dicaprio", "leonardo"]),

@@ -70,7 +70,7 @@ FORGET = [
                                          "What would you pick instead of a Samsung Galaxy?")),
     ("multi-turn", "question", "en", conv("My sister has an iPhone.", "Nice.",
                                           "What operating system does it run?")),
-    ("typo", "question", "en", "what is an iphnoe"),
+    ("typo", "question", "en", "iphnoe - is it a phone or a tablet?"),
     ("typo", "question", "en", "Who makes the iPone?"),
     ("typo", "question", "en", "when did the first i-phone come out"),
     ("typo", "question", "en", "Tell me about the Iphon."),
