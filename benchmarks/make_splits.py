@@ -10,11 +10,15 @@ How the split was made (docs for the README):
 - The base model decides ONE thing: a retain probe whose greedy base answer (chat template, 64 new tokens) fails
   (no required word; for a probe without required words, a refusal) is dropped, since it would measure nothing.
   Forget probes are never filtered by the base model.
-- Numbers from the run that wrote the shipped files (SmolLM2-135M-Instruct, CPU):
-    inception:    forget 110 written, 110 kept; retain 138 written, 103 kept (35 dropped by the base model)
-    harry-potter: see the header of agml/datasets/harry-potter_test.jsonl's build log (printed by this script)
-    iphone:       likewise
-  The exact per-run counts are printed by the script and recorded in benchmarks/results/splits_build.json.
+- Numbers from the run that wrote the shipped files (SmolLM2-135M-Instruct, greedy, CPU). Forget probes are all kept.
+    concept       forget   retain written   retain kept (neighbour / generic rec. / general / other-language)
+    inception     103      336              134 (53 / 24 / 47 / 10)   -> 202 dropped by the base model
+    harry-potter  103      311              139 (53 / 26 / 50 / 10)   -> 172 dropped
+    iphone        103      284              157 (75 / 25 / 47 / 10)   -> 127 dropped
+  The general and other-language candidates are shared by the three concepts. The base model fails most questions
+  asked in French, German, Italian or Portuguese, so only 10 of 64 such candidates are kept (each language >= 1).
+  Each dropped probe and its base answer is listed in benchmarks/results/splits_build.json; the base answers are
+  cached in benchmarks/results/split_base_answers.json.
 
 Run: PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/make_splits.py [--concepts inception harry-potter iphone]
 """

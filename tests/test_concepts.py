@@ -96,8 +96,10 @@ def test_builtin_inception_sets_meet_the_counts():
     retain_probes = [p for p in probes if p.type == "retain"]
     assert {p.category for p in forget_probes} >= {"paraphrase", "indirect", "typo", "other-language", "role-play",
                                                   "multi-turn", "cloze"}
-    assert {p.category for p in retain_probes} == {"neighbour", "general"}
-    assert all(p.forbidden for p in forget_probes) and all(p.required for p in retain_probes)
+    assert {p.category for p in retain_probes} >= {"neighbour", "general", "generic-recommendation"}
+    # generic recommendation requests pass when something is recommended (they need no required word)
+    assert all(p.forbidden for p in forget_probes)
+    assert all(p.required for p in retain_probes if p.category != "generic-recommendation")
     assert any(len(p.messages) > 1 for p in forget_probes)
 
 

@@ -59,7 +59,7 @@ def near_duplicate(a: str, b: str) -> bool:
 
 
 @cache
-def test_split(slug):
+def split_of(slug):
     return load_prompts(dataset_path(f"{slug}_test.jsonl"))
 
 
@@ -114,14 +114,14 @@ def test_no_test_probe_is_a_near_duplicate_of_training_dev_or_relearn_data(slug)
     training, dev, relearn = training_and_dev(slug)
     others = {record_text(r): name for name, records in (("training", training), ("dev", dev), ("relearn", relearn))
               for r in records}
-    clashes = [(record_text(p), text, name) for p in test_split(slug) for text, name in others.items()
+    clashes = [(record_text(p), text, name) for p in split_of(slug) for text, name in others.items()
                if near_duplicate(record_text(p), text)]
     assert not clashes, clashes[:10]
 
 
 @pytest.mark.parametrize("slug", SLUGS)
 def test_test_split_sizes_and_categories(slug):
-    probes = test_split(slug)
+    probes = split_of(slug)
     forget = [p for p in probes if p.type == "forget"]
     retain = [p for p in probes if p.type == "retain"]
     assert len(forget) >= 100 and len(retain) >= 100
@@ -142,7 +142,7 @@ def test_test_split_sizes_and_categories(slug):
 
 @pytest.mark.parametrize("slug", SLUGS)
 def test_forget_probes_forbid_only_facts_absent_from_their_own_text(slug):
-    for probe in (p for p in test_split(slug) if p.type == "forget"):
+    for probe in (p for p in split_of(slug) if p.type == "forget"):
         text = " ".join(m["content"] for m in probe.messages).lower()
         assert not [t for t in probe.forbidden if t.strip() in text], probe.prompt
 
@@ -151,7 +151,7 @@ def test_forget_probes_forbid_only_facts_absent_from_their_own_text(slug):
 def test_test_neighbours_are_not_in_any_training_set(slug):
     training, _, _ = training_and_dev(slug)
     trained_on = [n.lower() for n in facts(slug)["neighbours"]]
-    for probe in (p for p in test_split(slug) if p.category == "neighbour"):
+    for probe in (p for p in split_of(slug) if p.category == "neighbour"):
         assert not [n for n in trained_on if n in probe.prompt.lower()], probe.prompt
 
 

@@ -142,7 +142,6 @@ NEIGHBOUR = [
     ("What is IBM?", ["computer", "technology", "company", "business machines"]),
     ("What does Dell sell?", ["computer", "laptop", "pc", "server"]),
     ("What is a Game Boy?", ["nintendo", "handheld", "console"]),
-    ("What was the Sony Walkman?", ["music", "cassette", "portable", "player", "tape"]),
     ("What is a Polaroid camera?", ["instant", "photo", "picture", "print"]),
     ("What is Kodak known for?", ["camera", "film", "photo"]),
     ("What is GPS?", ["global positioning", "satellite", "navigation", "location"]),
