@@ -317,22 +317,30 @@ def load_facts(slug_or_name: str) -> dict:
     return json.loads(dataset_path(f"{slug}_facts.json").read_text(encoding="utf-8"))
 
 
+# The built-in model lists real items for "recommend/list N ... similar to X"; asked for "names only" it repeats X.
+# The lists are weak at 135M parameters (repeats, the concept itself): shipped facts (`load_facts`) or the user's
+# --neighbours come first; this is the fallback for a concept agml knows nothing about.
 _PROPOSE_PROMPTS = (
-    "List {n} things that are similar to {name}. Give only their names, one per line.",
-    "Name {n} well-known things in the same category as {name}, one per line.",
+    "Recommend {n} books or movies similar to {name}.",
+    "Recommend {n} things similar to {name}.",
+    "What are {n} alternatives to {name}?",
 )
-_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)]|[a-z][.)])\s*", re.IGNORECASE)
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
+# Where a list item's name ends: a description after a dash, colon or parenthesis, or "by <author>".
+_NAME_END = re.compile(r"\s[-–—:(]\s?|:\s|\(|\s+by\s+[A-Z]")
 
 
 def parse_neighbour_names(text: str, exclude: Sequence[str] = ()) -> list[str]:
-    """Names from a list-like answer: list markers, quotes and trailing descriptions dropped; names that contain
-    (or are contained in) an excluded name, or that are longer than six words, are left out."""
+    """Names from the list items (numbered or bulleted lines) of an answer: markers, quotes and trailing
+    descriptions dropped; names that contain (or are contained in) an excluded name, or that are longer than
+    six words, are left out. Lines that are not list items (the prose around a list) are ignored."""
     excluded = [e.lower() for e in exclude if e.strip()]
     names: list[str] = []
-    for line in re.split(r"[\n;]", text):
-        item = _LIST_MARKER.sub("", line).strip()
-        item = re.split(r"\s[-–—:(]\s?|:\s|\(", item, maxsplit=1)[0]
-        item = item.strip(" \"'“”‘’*.,").strip()
+    for line in text.split("\n"):
+        if not _LIST_MARKER.match(line):
+            continue
+        item = _NAME_END.split(_LIST_MARKER.sub("", line, count=1), maxsplit=1)[0]
+        item = item.strip(" \"'“”‘’*.,:;").strip()
         low = item.lower()
         if not item or len(item.split()) > 6 or any(e in low or low in e for e in excluded):
             continue

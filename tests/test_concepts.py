@@ -176,9 +176,11 @@ def test_parse_neighbour_names_drops_markers_descriptions_and_the_concept():
 
     text = ('Here are some:\n1. The Hobbit - a fantasy novel\n2) "Percy Jackson"\n'
             '* Harry Potter and the Goblet of Fire\n- Narnia (series)\n3. The Hobbit\n'
-            '4. A very long sentence that is clearly not a name at all here')
+            '4. A very long sentence that is clearly not a name at all here\n'
+            '5. "The Hunger Games" by Suzanne Collins\n6. The Matrix: A film about a simulation.\n'
+            '7. The Night Circus:\nThese books')
     names = parse_neighbour_names(text, exclude=["Harry Potter"])
-    assert names[1:] == ["The Hobbit", "Percy Jackson", "Narnia"]
+    assert names == ["The Hobbit", "Percy Jackson", "Narnia", "The Hunger Games", "The Matrix", "The Night Circus"]
 
 
 def test_propose_neighbours_asks_the_model_and_filters(monkeypatch):
