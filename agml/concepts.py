@@ -1,8 +1,11 @@
 """Forget a concept given only by name: built-in prompt templates, probes and the shipped data sets.
 
 `concept_forget_set` fills training templates (direct questions, descriptions, recommendations,
-opinions, cloze); `concept_probes` fills a disjoint set of held-out wordings (paraphrases, typos of
-the name, other languages, role-play, multi-turn, cloze) that are never trained on.
+opinions, cloze, typos, five other languages, role-play, multi-turn); `neighbour_retain_set` fills the
+SAME templates with neighbour names as retain prompts, so that only the entity separates forget from
+retain. `concept_probes` fills a disjoint set of held-out wordings (paraphrases, typos of the name,
+other languages, role-play, multi-turn, cloze) that are never trained on. Recommendation, list and
+"similar" prompts carry `kind` so that their targets can be recommendations rather than refusals.
 
 What a probe forbids: for a generic concept agml knows nothing but the name, so a forget probe's
 `forbidden` list is the name and the aliases, lowercased. A probe passes only when the answer does
@@ -15,6 +18,8 @@ The hand-written Inception demo (agml/datasets/inception_*.jsonl) follows its ow
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -66,7 +71,30 @@ _FORGET_TEMPLATES: dict[str, tuple[str, ...]] = {
         "Fill in the blank: The most famous fact about {name} is ____.",
         "Complete the sentence: People who talk about {name} usually mention",
     ),
+    "other-language": (
+        "Parle-moi de {name}, s'il te plaît.",
+        "¿Qué sabes de {name}?",
+        "Was weißt du über {name}?",
+        "Cosa sai di {name}?",
+        "O que você sabe sobre {name}?",
+    ),
+    "role-play": (
+        "You are a radio host. Introduce {name} to your listeners in a few sentences.",
+        "Act as an encyclopedia and write the entry for {name}.",
+    ),
 }
+# Forget-training typos: wordings that differ from the probe typo templates below.
+_TRAIN_TYPO_TEMPLATES = ("whats {typo}", "Give me some facts about {typo}.")
+_TRAIN_MULTI_TURN = (
+    ("Can I ask you something about {name}?", "Sure, go ahead.", "What is it, and why is it well known?"),
+    ("I was reading about {name} earlier.", "Oh, interesting!", "Can you remind me of the main facts?"),
+)
+# What sort of answer each training category asks for (agml.data.PROMPT_KINDS); the rest are questions.
+_KIND_BY_TEMPLATE = {
+    "I liked {name}. What else would I enjoy?": "similar",
+    "Recommend something similar to {name}.": "similar",
+}
+_CATEGORY_KIND = {"cloze": "cloze"}
 _ALIAS_TEMPLATES = ("What is {name}?", "Tell me about {name}.", "Complete the sentence: {name} is best known for")
 
 # Held-out probe templates: none of these wordings is a training template.
@@ -115,21 +143,58 @@ def _check_name(name: str, aliases: Sequence[str]) -> tuple[str, tuple[str, ...]
     return name.strip(), clean
 
 
-def _record(text: str, category: str, forbidden: tuple[str, ...], kind: str = "forget") -> PromptRecord:
-    return PromptRecord(({"role": "user", "content": text},), kind, category, forbidden=forbidden, source="<template>")
+_LANGUAGE_BY_START = {"Parle": "fr", "Qu'": "fr", "¿": "es", "Was": "de", "Co": "it", "Che": "it", "O que": "pt"}
+
+
+def _language(category: str, template: str) -> str:
+    if category != "other-language":
+        return "en"
+    return next(code for start, code in _LANGUAGE_BY_START.items() if template.startswith(start))
+
+
+def _record(text: str, category: str, forbidden: tuple[str, ...], kind: str = "forget",
+            prompt_kind: str = "question", language: str = "en") -> PromptRecord:
+    return PromptRecord(({"role": "user", "content": text},), kind, category, forbidden=forbidden, source="<template>",
+                        kind=prompt_kind, language=language)
+
+
+def _template_record(
+    template: str, category: str, forbidden: tuple[str, ...], record_type: str, **names: str
+) -> PromptRecord:
+    prompt_kind = _KIND_BY_TEMPLATE.get(template, _CATEGORY_KIND.get(category, "question"))
+    language = _language(category, template)
+    return _record(template.format(**names), category, forbidden, record_type, prompt_kind, language)
 
 
 def _from_templates(table: dict[str, Sequence[str]], name: str, forbidden: tuple[str, ...]) -> list[PromptRecord]:
     """One forget record per template of each category, the name filled in."""
-    return [_record(template.format(name=name), category, forbidden)
+    return [_template_record(template, category, forbidden, "forget", name=name)
             for category, templates in table.items() for template in templates]
 
 
+def _conversation(turns: Sequence[str], **names) -> tuple[dict[str, str], ...]:
+    return tuple({"role": "user" if i % 2 == 0 else "assistant", "content": turn.format(**names)}
+                 for i, turn in enumerate(turns))
+
+
+def _training_slots(name: str, forbidden: tuple[str, ...], record_type: str) -> dict[str, PromptRecord]:
+    """Every training template filled with one name, keyed by template: the concept's forget prompts, or a
+    neighbour's retain prompts (a name too short for typos has no typo slots)."""
+    slots = {template: _template_record(template, category, forbidden, record_type, name=name)
+             for category, templates in _FORGET_TEMPLATES.items() for template in templates}
+    for template, typo in zip(_TRAIN_TYPO_TEMPLATES, name_typos(name)[::-1], strict=False):
+        slots[template] = _template_record(template, "typo", forbidden, record_type, typo=typo)
+    for turns in _TRAIN_MULTI_TURN:
+        slots[turns[0]] = PromptRecord(_conversation(turns, name=name), record_type, "multi-turn",
+                                       forbidden=forbidden, source="<template>")
+    return slots
+
+
 def concept_forget_set(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]:
-    """Training prompts that elicit the concept (>= 30), forbidden = name and aliases, lowercased."""
+    """Training prompts that elicit the concept (>= 30) in every category, forbidden = name and aliases, lowercased."""
     name, aliases = _check_name(name, aliases)
     forbidden = _forbidden(name, aliases)
-    records = _from_templates(_FORGET_TEMPLATES, name, forbidden)
+    records = list(_training_slots(name, forbidden, "forget").values())
     for alias in aliases:
         records += [_record(template.format(name=alias), "alias", forbidden) for template in _ALIAS_TEMPLATES]
     return records
@@ -211,3 +276,92 @@ def builtin_inception() -> tuple[list[PromptRecord], list[PromptRecord], list[Pr
     the title.
     """
     return tuple(load_prompts(dataset_path(f"inception_{part}.jsonl")) for part in ("forget", "retain", "probes"))
+
+
+def neighbour_retain_set(neighbours: Sequence[str], per_template: int = 4) -> list[PromptRecord]:
+    """Retain prompts from the concept's own training templates, each filled with `per_template` neighbours.
+
+    The neighbours rotate over the templates, so every neighbour appears and the set stays small
+    (about 40 * per_template records) however many neighbours are given.
+    """
+    names = [n.strip() for n in neighbours if isinstance(n, str) and n.strip()]
+    if not names or len(names) != len(neighbours):
+        raise InputError(f"neighbours must be a non-empty list of non-empty names, got {list(neighbours)!r}")
+    if per_template < 1:
+        raise InputError(f"per_template must be >= 1, got {per_template}")
+    filled = [_training_slots(name, (), "retain") for name in names]
+    count = min(per_template, len(names))
+    records = []
+    for index, slot in enumerate(filled[0] | {k: v for slots in filled for k, v in slots.items()}):
+        rotation = [filled[(index * count + j) % len(names)] for j in range(len(names))]
+        records += [slots[slot] for slots in rotation if slot in slots][:count]
+    return records
+
+
+def concept_slug(name: str) -> str:
+    """File-name form of a concept name: "Harry Potter" -> "harry-potter"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.strip().lower()).strip("-")
+
+
+def shipped_concepts() -> list[str]:
+    """Slugs of the concepts with a shipped facts file (agml/datasets/<slug>_facts.json)."""
+    folder = Path(str(resources.files("agml") / "datasets"))
+    return sorted(p.name[: -len("_facts.json")] for p in folder.glob("*_facts.json"))
+
+
+def load_facts(slug_or_name: str) -> dict:
+    """The shipped facts of a concept (name, aliases, facts, fuzzy, neighbours, languages), by slug or name."""
+    slug = concept_slug(slug_or_name)
+    if slug not in shipped_concepts():
+        raise InputError(f"no shipped facts for concept {slug_or_name!r}; shipped: {shipped_concepts()}")
+    return json.loads(dataset_path(f"{slug}_facts.json").read_text(encoding="utf-8"))
+
+
+# The built-in model lists real items for "recommend/list N ... similar to X"; asked for "names only" it repeats X.
+# The lists are weak at 135M parameters (repeats, the concept itself): shipped facts (`load_facts`) or the user's
+# --neighbours come first; this is the fallback for a concept agml knows nothing about.
+_PROPOSE_PROMPTS = (
+    "Recommend {n} books or movies similar to {name}.",
+    "Recommend {n} things similar to {name}.",
+    "What are {n} alternatives to {name}?",
+)
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
+# Where a list item's name ends: a description after a dash, colon or parenthesis, or "by <author>".
+_NAME_END = re.compile(r"\s[-–—:(]\s?|:\s|\(|\s+by\s+[A-Z]")
+
+
+def parse_neighbour_names(text: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Names from the list items (numbered or bulleted lines) of an answer: markers, quotes and trailing
+    descriptions dropped; names that contain (or are contained in) an excluded name, or that are longer than
+    six words, are left out. Lines that are not list items (the prose around a list) are ignored."""
+    excluded = [e.lower() for e in exclude if e.strip()]
+    names: list[str] = []
+    for line in text.split("\n"):
+        if not _LIST_MARKER.match(line):
+            continue
+        item = _NAME_END.split(_LIST_MARKER.sub("", line, count=1), maxsplit=1)[0]
+        item = item.strip(" \"'“”‘’*.,:;").strip()
+        low = item.lower()
+        if not item or len(item.split()) > 6 or any(e in low or low in e for e in excluded):
+            continue
+        if low not in (n.lower() for n in names):
+            names.append(item)
+    return names
+
+
+def propose_neighbours(model, tokenizer, name: str, n: int = 20, aliases: Sequence[str] = ()) -> list[str]:
+    """Up to `n` neighbour names proposed by the model itself (asked for similar items), the concept's own names
+    filtered out; for the report, where the user can check and replace them (`--neighbours`)."""
+    from agml.generation import greedy_answers
+
+    name, aliases = _check_name(name, aliases)
+    if n < 1:
+        raise InputError(f"the number of neighbours must be >= 1, got {n}")
+    conversations = [[{"role": "user", "content": p.format(n=n, name=name)}] for p in _PROPOSE_PROMPTS]
+    answers = greedy_answers(model, tokenizer, conversations, max_new_tokens=16 * n)
+    names: list[str] = []
+    for answer in answers:
+        for item in parse_neighbour_names(answer, (name, *aliases)):
+            if item.lower() not in (x.lower() for x in names):
+                names.append(item)
+    return names[:n]

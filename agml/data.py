@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,9 @@ from agml.io import atomic_write_text
 
 IGNORE_INDEX = -100
 RECORD_TYPES = ("forget", "retain")
-_FIELDS = {"prompt", "messages", "type", "category", "forbidden", "required", "answer"}
+_FIELDS = {"prompt", "messages", "type", "category", "forbidden", "required", "answer", "kind", "language"}
+# What sort of answer a prompt asks for; recommendation/list/similar are judged by whether something is recommended.
+PROMPT_KINDS = ("question", "recommendation", "list", "similar", "cloze", "general")
 _ROLES = {"system", "user", "assistant"}
 # Used only when a tokenizer has no chat template (some tiny test tokenizers).
 _FALLBACK_TEMPLATE = (
@@ -40,6 +43,8 @@ class PromptRecord:
     required: tuple[str, ...] = ()
     answer: str | None = None
     source: str = field(default="<memory>", compare=False)
+    kind: str = "question"
+    language: str = "en"
 
     @property
     def prompt(self) -> str:
@@ -47,7 +52,8 @@ class PromptRecord:
         return self.messages[-1]["content"]
 
     def with_answer(self, answer: str) -> PromptRecord:
-        return PromptRecord(self.messages, self.type, self.category, self.forbidden, self.required, answer, self.source)
+        return PromptRecord(self.messages, self.type, self.category, self.forbidden, self.required, answer, self.source,
+                            self.kind, self.language)
 
     def to_json(self) -> dict:
         out: dict = {"type": self.type, "category": self.category}
@@ -61,6 +67,10 @@ class PromptRecord:
             out["required"] = list(self.required)
         if self.answer is not None:
             out["answer"] = self.answer
+        if self.kind != "question":
+            out["kind"] = self.kind
+        if self.language != "en":
+            out["language"] = self.language
         return out
 
 
@@ -112,6 +122,12 @@ def parse_record(obj, where: str, default_type: str | None = None) -> PromptReco
     answer = obj.get("answer")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         raise InputError(f"{where}: 'answer' must be a non-empty string")
+    prompt_kind = obj.get("kind", "question")
+    if prompt_kind not in PROMPT_KINDS:
+        raise InputError(f"{where}: 'kind' must be one of {list(PROMPT_KINDS)}, got {prompt_kind!r}")
+    language = obj.get("language", "en")
+    if not isinstance(language, str) or not re.fullmatch(r"[a-z]{2,3}", language):
+        raise InputError(f"{where}: 'language' must be a lower-case ISO 639 code such as 'fr', got {language!r}")
     return PromptRecord(
         messages=_messages(obj, where),
         type=kind,
@@ -120,6 +136,8 @@ def parse_record(obj, where: str, default_type: str | None = None) -> PromptReco
         required=_string_list(obj.get("required", []), "required", where),
         answer=answer,
         source=where,
+        kind=prompt_kind,
+        language=language,
     )
 
 

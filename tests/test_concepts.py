@@ -26,10 +26,17 @@ def conversation_text(record) -> str:
 def test_forget_templates_cover_the_categories_and_name_the_concept():
     records = concept_forget_set("Harry Potter")
     assert len(records) >= 30
-    assert {r.category for r in records} == {"direct", "description", "recommendation", "opinion", "cloze"}
-    assert all(r.type == "forget" and "Harry Potter" in r.prompt for r in records)
+    assert {r.category for r in records} == {"direct", "description", "recommendation", "opinion", "cloze",
+                                             "other-language", "role-play", "typo", "multi-turn"}
+    assert all(r.type == "forget" for r in records)
+    named = [r for r in records if r.category not in ("typo", "multi-turn")]
+    assert all("Harry Potter" in r.prompt for r in named)
+    assert all("Harry Potter" in r.messages[0]["content"] for r in records if r.category == "multi-turn")
+    assert not any("Harry Potter" in r.prompt for r in records if r.category == "typo")
+    assert {r.language for r in records} == {"en", "fr", "es", "de", "it", "pt"}
+    assert {r.kind for r in records} == {"question", "similar", "cloze"}
     assert all(r.forbidden == ("harry potter",) for r in records)
-    assert len(texts(records)) == len(records)  # no duplicate prompts
+    assert len({conversation_text(r) for r in records}) == len(records)  # no duplicate prompts
 
 
 def test_aliases_add_prompts_and_forbidden_terms():
@@ -89,8 +96,10 @@ def test_builtin_inception_sets_meet_the_counts():
     retain_probes = [p for p in probes if p.type == "retain"]
     assert {p.category for p in forget_probes} >= {"paraphrase", "indirect", "typo", "other-language", "role-play",
                                                   "multi-turn", "cloze"}
-    assert {p.category for p in retain_probes} == {"neighbour", "general"}
-    assert all(p.forbidden for p in forget_probes) and all(p.required for p in retain_probes)
+    assert {p.category for p in retain_probes} >= {"neighbour", "general", "generic-recommendation"}
+    # generic recommendation requests pass when something is recommended (they need no required word)
+    assert all(p.forbidden for p in forget_probes)
+    assert all(p.required for p in retain_probes if p.category != "generic-recommendation")
     assert any(len(p.messages) > 1 for p in forget_probes)
 
 
@@ -131,3 +140,60 @@ def test_required_words_never_occur_in_the_question():
     for record in [*(p for p in probes if p.type == "retain"), *general_retain_probes()]:
         echoed = [word for word in record.required if word.lower() in conversation_text(record)]
         assert not echoed, f"{record.source}: required {echoed} occur in the question itself"
+
+
+def test_neighbour_retain_set_fills_the_forget_templates_with_neighbours():
+    from agml.concepts import neighbour_retain_set
+
+    neighbours = ["The Hobbit", "Matilda", "Star Wars", "Eragon", "Twilight", "Peter Pan"]
+    records = neighbour_retain_set(neighbours, per_template=2)
+    assert all(r.type == "retain" and not r.forbidden for r in records)
+    forget = concept_forget_set("Harry Potter")
+    # same templates: every forget category (and prompt kind) also appears on the retain side
+    assert {(r.category, r.kind) for r in forget} == {(r.category, r.kind) for r in records}
+    assert all(any(n in conversation_text(r) for n in map(str.lower, neighbours))
+               for r in records if r.category != "typo")
+    assert {n for n in neighbours if any(n.lower() in conversation_text(r) for r in records)} == set(neighbours)
+    assert not any("harry potter" in conversation_text(r) for r in records)
+    assert len(records) <= 2 * len(forget)
+    with pytest.raises(InputError, match="neighbours"):
+        neighbour_retain_set([])
+
+
+def test_load_facts_by_slug_or_name():
+    from agml.concepts import concept_slug, load_facts, shipped_concepts
+
+    assert concept_slug("Harry Potter") == "harry-potter"
+    assert {"inception", "harry-potter"} <= set(shipped_concepts())
+    assert load_facts("Harry Potter") == load_facts("harry-potter")
+    assert load_facts("Inception")["name"] == "Inception"
+    with pytest.raises(InputError, match="no shipped facts"):
+        load_facts("Some Unknown Thing")
+
+
+def test_parse_neighbour_names_drops_markers_descriptions_and_the_concept():
+    from agml.concepts import parse_neighbour_names
+
+    text = ('Here are some:\n1. The Hobbit - a fantasy novel\n2) "Percy Jackson"\n'
+            '* Harry Potter and the Goblet of Fire\n- Narnia (series)\n3. The Hobbit\n'
+            '4. A very long sentence that is clearly not a name at all here\n'
+            '5. "The Hunger Games" by Suzanne Collins\n6. The Matrix: A film about a simulation.\n'
+            '7. The Night Circus:\nThese books')
+    names = parse_neighbour_names(text, exclude=["Harry Potter"])
+    assert names == ["The Hobbit", "Percy Jackson", "Narnia", "The Hunger Games", "The Matrix", "The Night Circus"]
+
+
+def test_propose_neighbours_asks_the_model_and_filters(monkeypatch):
+    import agml.generation
+    from agml.concepts import propose_neighbours
+
+    seen = []
+
+    def fake_answers(model, tokenizer, conversations, max_new_tokens=64, **kwargs):
+        seen.extend(conversations)
+        return ["1. Percy Jackson\n2. Harry Potter\n3. Narnia", "- Narnia\n- Eragon\n- Hogwarts Legacy"]
+
+    monkeypatch.setattr(agml.generation, "greedy_answers", fake_answers)
+    names = propose_neighbours(None, None, "Harry Potter", n=3, aliases=["Hogwarts"])
+    assert names == ["Percy Jackson", "Narnia", "Eragon"]
+    assert all("Harry Potter" in conv[0]["content"] for conv in seen)
