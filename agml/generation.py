@@ -19,9 +19,11 @@ def greedy_answers(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     desc: str | None = None,
+    logits_processor=None,
 ) -> list[str]:
     """Greedy answers to each conversation, left-padded batches, special tokens stripped.
 
+    `logits_processor`: an optional `transformers.LogitsProcessorList` applied at every step (e.g. banned terms).
     Under several processes each answers its shard and every process gets all answers, in input order. Shards are
     padded to equal length and generation is synchronised (`synced_gpus`): a sharded (FSDP) model makes every
     forward a collective, so all processes must run the same batches for the same number of steps.
@@ -53,6 +55,7 @@ def greedy_answers(
             pad_token_id=pad,
             eos_token_id=_stop_ids(tokenizer),
             synced_gpus=distributed.world_size() > 1,
+            logits_processor=logits_processor,
         )
         for r, i in enumerate(rows):
             answers[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
