@@ -165,18 +165,25 @@ def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, 
 
 @dataclass(frozen=True)
 class TargetRecord(PromptRecord):
-    """A forget record whose `answer` is its training target; `target` says which kind ("refusal"/"alternative")."""
+    """A forget record with its training target.
 
-    target: str = "refusal"
+    `target` is the text to train toward, `target_kind` says which kind it is ("refusal" or "alternative"),
+    `prompt_kind` what the prompt asks for (PROMPT_KINDS). `answer` stays the base model's answer (or None): the
+    scoring pass, the validator and NPO-style objectives read it as "what the model used to say".
+    """
+
+    target: str = ""
+    target_kind: str = "refusal"
     prompt_kind: str = "question"
 
+    def with_answer(self, answer: str) -> TargetRecord:
+        return dataclasses.replace(self, answer=answer)
 
-def _as_target(record: PromptRecord, answer: str, target: str, kind: str) -> TargetRecord:
-    values = {f.name: getattr(record, f.name) for f in dataclasses.fields(PromptRecord) if f.init}
-    values["answer"] = answer
-    if hasattr(record, "kind"):  # records from a data module that knows the field keep it
-        values.setdefault("kind", record.kind)
-    return TargetRecord(**{k: v for k, v in values.items() if k in _TARGET_FIELDS}, target=target, prompt_kind=kind)
+
+def _as_target(record: PromptRecord, target: str, target_kind: str, prompt_kind_: str) -> TargetRecord:
+    values = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.init}
+    values.update(target=target, target_kind=target_kind, prompt_kind=prompt_kind_)
+    return TargetRecord(**{k: v for k, v in values.items() if k in _TARGET_FIELDS})
 
 
 _TARGET_FIELDS = {f.name for f in dataclasses.fields(TargetRecord)}
@@ -185,7 +192,7 @@ _TARGET_FIELDS = {f.name for f in dataclasses.fields(TargetRecord)}
 def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, *, concept_names: Sequence[str] | None = None, batch_size: int = 8,
                    seed: int = 0) -> list[TargetRecord]:
-    """Each forget record with `answer` = its target, in input order.
+    """Each forget record with its `target`, in input order (`answer` is kept as it was).
 
     Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
     get the base model's greedy answer with `banned_terms` banned (name, aliases, key facts). An alternative

@@ -105,10 +105,12 @@ def test_forget_targets_by_kind(tiny_lm, smol_tokenizer):
                              concept_names=["Inception"])
     assert [t.prompt for t in targets] == [r.prompt for r in records]
     assert all(isinstance(t, TargetRecord) and isinstance(t, PromptRecord) for t in targets)
-    assert targets[0].target == "refusal" and targets[0].answer in REFUSAL_TEMPLATES
+    assert targets[0].target_kind == "refusal" and targets[0].target in REFUSAL_TEMPLATES
     assert [t.prompt_kind for t in targets] == ["question", "recommendation", "list"]
     for target in targets[1:]:
-        assert target.target == "alternative"
-        assert not any(term.lower() in target.answer.lower() for term in banned)
+        assert target.target_kind == "alternative"
+        assert not any(term.lower() in target.target.lower() for term in banned)
+    assert all(t.answer is None for t in targets)  # the base answer is left as it was
+    assert targets[1].with_answer("base").target == targets[1].target
     with pytest.raises(InputError):
         forget_targets(tiny_lm, smol_tokenizer, records, [])
