@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -101,12 +102,12 @@ class BannedTermsProcessor(LogitsProcessor):
     Stateless: it reads the tail of the sequence at each step.
     """
 
-    def __init__(self, tokenizer, terms: Sequence[str]):
+    def __init__(self, tokenizer, terms: Sequence[str], texts: Sequence[str] | None = None):
         lowered = sorted({t.strip().lower() for t in terms if isinstance(t, str) and t.strip()})
         if not lowered:
             raise InputError("give at least one non-empty banned term")
         self.terms = lowered
-        self.texts = token_texts(tokenizer)
+        self.texts = list(token_texts(tokenizer) if texts is None else texts)
         always = [i for i, text in enumerate(self.texts) if any(t in text for t in lowered)]
         self.always = torch.tensor(always, dtype=torch.long)
         self._order = sorted(range(len(self.texts)), key=self.texts.__getitem__)
@@ -149,12 +150,20 @@ def _base_model_only(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
+def banned_stems(terms: Sequence[str], fraction: float = 0.75, min_length: int = 6) -> list[str]:
+    """The terms plus, for single words of at least `min_length` letters, their first `fraction` (rounded up):
+    a model kept from saying "DiCaprio" otherwise writes "DiCapriro"."""
+    stems = [term[:math.ceil(len(term) * fraction)]
+             for term in terms if len(term) >= min_length and " " not in term.strip()]
+    return list(dict.fromkeys([*terms, *stems]))
+
+
 def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], banned_terms: Sequence[str],
-                   max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+                   max_new_tokens: int = 64, batch_size: int = 8, texts: Sequence[str] | None = None) -> list[str]:
     """Greedy answers of the base model (adapter disabled) that never contain a banned term."""
     from agml.generation import greedy_answers
 
-    processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms)])
+    processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms, texts)])
     with _base_model_only(model):
         return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size,
                               logits_processor=processor)
@@ -195,9 +204,13 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
     """Each forget record with its `target`, in input order (`answer` is kept as it was).
 
     Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
-    get the base model's greedy answer with `banned_terms` banned (name, aliases, key facts). An alternative
-    answer that comes out empty falls back to a refusal. `concept_names` (default: `banned_terms`) decide when a
-    recommendation request is about the concept itself (then it is a question).
+    get the base model's greedy answer with the banned terms banned, plus the stems of long words
+    (`banned_stems`). An alternative answer that comes out empty falls back to a refusal.
+
+    `concept_names` (default: `banned_terms`): the concept's name and aliases. They are banned in every answer
+    and decide when a recommendation request is about the concept itself (then it is a question). The other
+    banned terms (key facts) are banned only where the conversation does not contain them: "List films by
+    Christopher Nolan" may name Nolan in its answer, as the probes' `forbidden` lists also allow.
     """
     from agml.objectives import refusal_for
 
@@ -205,9 +218,18 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
         raise InputError("forget_targets needs the concept's banned terms (name, aliases, key facts)")
     names = tuple(banned_terms if concept_names is None else concept_names)
     kinds = [prompt_kind(record, names) for record in records]
-    wanted = [i for i, kind in enumerate(kinds) if kind in RECOMMENDER_KINDS]
-    answers = dict(zip(wanted, banned_answers(model, tokenizer, [records[i].messages for i in wanted],
-                                              banned_terms, max_new_tokens, batch_size), strict=True)) if wanted else {}
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, kind in enumerate(kinds):
+        if kind in RECOMMENDER_KINDS:
+            asked = " ".join(m["content"] for m in records[i].messages).lower()
+            terms = (*names, *(t for t in banned_terms if t.lower() not in asked))
+            groups.setdefault(tuple(banned_stems(list(dict.fromkeys(terms)))), []).append(i)
+    answers: dict[int, str] = {}
+    texts = token_texts(tokenizer) if groups else None
+    for terms, indices in groups.items():
+        generated = banned_answers(model, tokenizer, [records[i].messages for i in indices], terms, max_new_tokens,
+                                   batch_size, texts)
+        answers.update(zip(indices, generated, strict=True))
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds, strict=True)):
         alternative = answers.get(i, "").strip()

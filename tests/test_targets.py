@@ -6,12 +6,20 @@ import torch
 from tiny_models import tiny_model
 from transformers import LogitsProcessorList
 
+from agml import targets as targets_module
 from agml.data import PromptRecord
 from agml.entities import entity_positions, entity_token_ids, term_variants
 from agml.errors import InputError
 from agml.generation import greedy_answers
 from agml.objectives import REFUSAL_TEMPLATES
-from agml.targets import BannedTermsProcessor, TargetRecord, banned_answers, forget_targets, prompt_kind
+from agml.targets import (
+    BannedTermsProcessor,
+    TargetRecord,
+    banned_answers,
+    banned_stems,
+    forget_targets,
+    prompt_kind,
+)
 
 
 def _record(text: str, category: str = "default") -> PromptRecord:
@@ -114,3 +122,27 @@ def test_forget_targets_by_kind(tiny_lm, smol_tokenizer):
     assert targets[1].with_answer("base").target == targets[1].target
     with pytest.raises(InputError):
         forget_targets(tiny_lm, smol_tokenizer, records, [])
+
+
+def test_banned_stems_catch_misspellings_of_long_words():
+    assert banned_stems(["DiCaprio", "Nolan", "Dom Cobb"]) == ["DiCaprio", "Nolan", "Dom Cobb", "DiCapr"]
+
+
+def test_facts_the_prompt_names_are_not_banned_but_the_concept_always_is(monkeypatch, smol_tokenizer):
+    seen = {}
+
+    def fake(model, tokenizer, conversations, terms, *args):
+        for conversation in conversations:
+            seen[conversation[-1]["content"]] = set(terms)
+        return ["An answer."] * len(conversations)
+
+    monkeypatch.setattr(targets_module, "banned_answers", fake)
+    monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
+    records = [_record("List some famous movies directed by Christopher Nolan."),
+               _record("Recommend something similar to Inception.")]
+    out = forget_targets(None, smol_tokenizer, records, ["Inception", "Nolan", "DiCaprio"],
+                         concept_names=["Inception"])
+    assert seen["List some famous movies directed by Christopher Nolan."] == {"Inception", "DiCaprio", "Incepti",
+                                                                            "DiCapr"}
+    assert {"Inception", "Nolan"} <= seen["Recommend something similar to Inception."]
+    assert [t.target for t in out] == ["An answer.", "An answer."]
