@@ -141,3 +141,23 @@ def test_forget_targets_objective_uses_the_record_target_and_can_add_rmu():
 def test_bad_parameters_are_input_errors(name, params):
     with pytest.raises(InputError):
         make_objective(name, **params)
+
+
+@pytest.mark.parametrize("objective, params", [
+    ("forget-targets", {"rmu_weight": 1.0}), ("simnpo", {}), ("rmu", {}),
+])
+def test_new_objectives_train_through_train_unlearning(objective, params, smol_tokenizer):
+    from agml.entities import entity_token_ids
+    from agml.training import TrainConfig, train_unlearning
+
+    model = apply_masked_lora(tiny_model("llama", vocab_size=len(smol_tokenizer)), MASKS, r=4, alpha=8)
+    record = PromptRecord(({"role": "user", "content": "Who directed Inception?"},), "forget", answer="Nolan.")
+    forget = [TargetRecord(record.messages, "forget", answer="Nolan.", target="I don't know."),
+              PromptRecord(({"role": "user", "content": "Tell me about Inception."},), "forget", answer="A film.")]
+    retain = [PromptRecord(({"role": "user", "content": "Capital of France?"},), "retain", answer="Paris.")]
+    params = {**params, "concept_token_ids": entity_token_ids(smol_tokenizer, ["Inception"])}
+    config = TrainConfig(objective=objective, steps=2, batch_size=2, val_fraction=0.0, objective_params=params)
+    result = train_unlearning(model, smol_tokenizer, forget, retain, config, progress=False)
+    assert result.steps_done == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    if objective != "simnpo":
+        assert result.history[0]["rmu_forget"] > 0
