@@ -70,26 +70,18 @@ def _add_unlearn_parser(sub) -> None:
                    help="stop once held-out forget prompts pass and retain KL is within budget")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between adapter checkpoints (for --resume)")
+    p.add_argument("--allow-model-mismatch", action="store_true", help="use --masks scored on another model")
     p.set_defaults(handler=_cmd_unlearn)
 
 
 def _unlearn_options(args):
-    import dataclasses
-    import json
     from pathlib import Path
 
-    from agml import runs
-    from agml.errors import InputError
+    from agml import resume
     from agml.pipeline import UnlearnOptions
 
     if args.resume:
-        config = runs.partial_dir(args.resume) / runs.CONFIG_FILE
-        if not config.is_file():
-            raise InputError(f"nothing to resume at {args.resume}: {config} not found")
-        saved = json.loads(config.read_text(encoding="utf-8"))["options"]
-        fields = {f.name for f in dataclasses.fields(UnlearnOptions)}
-        saved = {k: (tuple(v) if k == "aliases" else v) for k, v in saved.items() if k in fields}
-        return UnlearnOptions(**saved)
+        return resume.resumed_options(args, UnlearnOptions)
     concept = args.concept
     out = args.out or str(Path("runs") / _slug(concept or "inception"))
     return UnlearnOptions(
@@ -100,6 +92,7 @@ def _unlearn_options(args):
         batch_size=args.batch_size, lr=args.lr, retain_weight=args.retain_weight, seed=args.seed,
         max_new_tokens=args.max_new_tokens, answer_tokens=args.answer_tokens, early_stop=args.early_stop,
         checkpoint_every=args.checkpoint_every, trust_remote_code=args.trust_remote_code,
+        allow_model_mismatch=args.allow_model_mismatch,
     )
 
 
@@ -108,12 +101,16 @@ def _slug(name: str) -> str:
 
 
 def _cmd_unlearn(args) -> int:
+    from agml import distributed, ownership, preflight, run_lock
     from agml.pipeline import run_unlearn
 
     options = _unlearn_options(args)
-    from agml import distributed
-
-    run = run_unlearn(options, force=args.force, resume=bool(args.resume))
+    if not args.resume:
+        preflight.check_out_path(options.out)
+    with run_lock.exclusive_run(options.out, distributed.is_main()), \
+            ownership.discard_failed_start(options.out, bool(args.resume)):
+        preflight.check_unlearn(options, force=args.force, resume=bool(args.resume))
+        run = run_unlearn(options, force=args.force, resume=bool(args.resume))
     if distributed.is_main():
         print(f"run written to {run}; report: {run / 'report.md'}")
     return 0
@@ -173,7 +170,7 @@ def _add_score_parser(sub) -> None:
 
 def _score_inputs(args):
     """Validate options and read the prompt sets (no model needed): (forget, retain) records."""
-    from agml import runs
+    from agml import preflight, runs
     from agml.data import load_prompts
     from agml.errors import InputError
 
@@ -185,6 +182,7 @@ def _score_inputs(args):
     if args.retain_weight < 0:
         raise InputError(f"--retain-weight must be >= 0, got {args.retain_weight}")
     runs.check_output(args.out, args.force)
+    preflight.check_score_out(args.out, args.force)
     if args.forget is None or args.retain is None:
         from agml.concepts import builtin_inception
 
@@ -198,12 +196,20 @@ def _score_inputs(args):
 
 
 def _cmd_score(args) -> int:
+    from agml import distributed, preflight, run_lock
+
+    preflight.check_out_path(args.out)
+    with run_lock.exclusive_run(args.out, distributed.is_main()):
+        return _score(args)
+
+
+def _score(args) -> int:
     import time
     from pathlib import Path
 
     import torch
 
-    from agml import distributed, runs
+    from agml import distributed, fingerprint, ownership
     from agml.masks import build_masks
     from agml.models import load_model
     from agml.plots import plot_heatmap
@@ -218,13 +224,14 @@ def _cmd_score(args) -> int:
     scores = score_records(model, tokenizer, forget, retain, batch_size=args.batch_size)
     masks = build_masks(scores, density=args.density, strategy=args.strategy, score=args.score,
                         retain_weight=args.retain_weight)
+    masks.meta[fingerprint.MASKS_KEY] = fingerprint.model_record(model)
     if not distributed.is_main():  # under accelerate launch every process scored its shard; one writes
         return 0
-    work = runs.start_run(args.out)
+    work = ownership.start_run(args.out)
     scores.save(work / "scores.safetensors")
     masks.save(work / "masks.safetensors")
     plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
-    out = runs.finish_run(work, args.out)
+    out = ownership.finish(work, args.out)
     busiest = sorted(masks.items(), key=lambda item: (-item[1].numel(), item[0]))[:5]
     print(f"scored {scores.forget_tokens} forget / {scores.retain_tokens} retain answer tokens over "
           f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
@@ -254,6 +261,11 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--relearn-examples", type=int, default=DEFAULT_EXAMPLES,
                    help="how many forget answers the relearning attack trains on")
     p.add_argument("--seed", type=int, default=0, help="seed of the relearning attack")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="evaluate with a base model other than the one the run was trained on")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the hub (also taken from the run when it was trained so)")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -261,10 +273,12 @@ def _eval_inputs(args):
     """Validate options, the run folder and the probes before loading any model: (config, probes, forget)."""
     from pathlib import Path
 
-    from agml import runs
+    from agml import preflight, runs
     from agml.data import load_prompts
     from agml.errors import InputError
+    from agml.probe_defaults import with_default_forbidden
     from agml.relearn import attack_slice
+    from agml.resume import check_config
 
     checks = {"--max-new-tokens": args.max_new_tokens, "--batch-size": args.batch_size}
     if args.relearn is not None:
@@ -280,13 +294,12 @@ def _eval_inputs(args):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
     if args.json is not None:
-        target = Path(args.json)
-        if target.is_dir():
-            raise InputError(f"--json {target} is a folder; give a file name")
-        if not target.parent.is_dir():
-            raise InputError(f"--json {target}: folder {target.parent} does not exist")
+        preflight.check_json_target(args.json, args.run, args.force)
     config = runs.read_config(args.run)
+    check_config(config, Path(args.run) / runs.CONFIG_FILE)
     probes = load_prompts(args.probes) if args.probes else runs.load_records(Path(args.run), "probes")
+    if probes:
+        probes = with_default_forbidden(probes, _eval_concept_terms(config), print)
     if not probes:
         raise InputError(f"{args.run} holds no probes ({runs.DATA_DIR}/probes.jsonl); pass --probes")
     forget = []
@@ -304,11 +317,13 @@ def _eval_concept_terms(config: dict) -> tuple[str, ...]:
 
 
 def _cmd_eval(args) -> int:
-    from agml import distributed, runs
+    from agml import distributed, preflight, runs
     from agml.evaluation import evaluate, format_summary
 
     config, probes, forget = _eval_inputs(args)
-    loaded = runs.load_run(args.run)
+    loaded = runs.load_run(args.run, trust_remote_code=args.trust_remote_code,
+                           allow_model_mismatch=args.allow_model_mismatch)
+    preflight.check_context(loaded.model, loaded.tokenizer, probes, {"--max-new-tokens": args.max_new_tokens})
     result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, concept_terms=_eval_concept_terms(config))
     if args.relearn is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from agml import distributed, runs
+from agml import adapter_check, distributed, fingerprint, ownership, preflight, probe_defaults, runs
 from agml.architecture import mlp_dims
 from agml.data import PromptRecord, load_prompts
 from agml.errors import InputError
@@ -55,6 +55,7 @@ class UnlearnOptions:
     early_stop: bool = False
     checkpoint_every: int = 10
     trust_remote_code: bool = False
+    allow_model_mismatch: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -191,9 +192,11 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
 def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = False, log=print) -> Path:
     """Run the whole job; returns the finished run folder."""
     options.validate()
+    preflight.check_unlearn_options(options)
     if not resume:
         runs.check_output(options.out, force)
     data = resolve_data(options)
+    data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
     from agml.evaluation import evaluate
     from agml.layers import export_baked, save_adapter
@@ -212,11 +215,16 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     if options.masks:
         NeuronMasks.load(options.masks).validate_for(*mlp_dims(model))
+        fingerprint.warn_or_refuse_masks(options.masks, model, options.allow_model_mismatch, log)
+    model_record = fingerprint.model_record(model)
+    preflight.check_context(model, tokenizer, data.forget + data.retain + data.probes,
+                            {"--max-new-tokens": options.max_new_tokens, "--answer-tokens": options.answer_tokens})
     # Under `accelerate launch` every process runs this function; only the main process writes files.
     main = distributed.is_main()
-    work = runs.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
+    work = ownership.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
     if main:
         runs.write_config(work, dataclasses.asdict(options), {"name": data.concept, "terms": list(data.terms)})
+        fingerprint.add_to_json_file(work / runs.CONFIG_FILE, model_record)
     distributed.barrier()
 
     forget = runs.load_records(work, "forget") if resume else None
@@ -237,15 +245,17 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     result = train_unlearning(peft_model, tokenizer, forget, retain, train_config,
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
+    adapter_check.check_trained_adapter(peft_model)
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.max_new_tokens,
                           concept_terms=data.terms, progress=main)
     if main:
         save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
+        fingerprint.add_to_json_file(work / runs.ADAPTER_DIR / "agml_config.json", model_record)
         export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
         write_report(work, options=dataclasses.asdict(options), evaluation=evaluation, training=result,
                      masks=masks, parameters={"trainable": trainable, "total": total},
                      seconds=time.perf_counter() - started, concept=data.concept)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)  # only needed to resume an unfinished run
-        runs.finish_run(work, options.out)
+        ownership.finish(work, options.out)
     distributed.barrier()
     return Path(options.out)

@@ -123,15 +123,22 @@ class LoadedRun:
     retain: list[PromptRecord]
 
 
-def load_run(run: str | os.PathLike, device: str | None = None) -> LoadedRun:
+def load_run(run: str | os.PathLike, device: str | None = None, trust_remote_code: bool = False,
+             allow_model_mismatch: bool = False) -> LoadedRun:
     """Load the base model, attach the run's adapter and read the run's data."""
+    from agml import adapter_check, fingerprint
     from agml.layers import load_adapter
     from agml.models import load_model
 
     run = Path(run)
     config = read_config(run)
     options = config["options"]
-    model, tokenizer = load_model(options["model"], dtype=options.get("dtype"), device=device)
+    adapter_check.check_adapter_folder(run / ADAPTER_DIR)
+    model, tokenizer = load_model(fingerprint.recorded_model_id(config), dtype=options.get("dtype"), device=device,
+                                  trust_remote_code=trust_remote_code or bool(options.get("trust_remote_code")))
+    warning = fingerprint.check_same_model(config.get("model"), model, f"run {run}", allow_model_mismatch)
+    if warning:
+        print(warning, file=sys.stderr)
     if options.get("method") == "lora":
         from peft import PeftModel
 
