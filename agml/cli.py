@@ -170,7 +170,7 @@ def _add_score_parser(sub) -> None:
 
 def _score_inputs(args):
     """Validate options and read the prompt sets (no model needed): (forget, retain) records."""
-    from agml import preflight, runs
+    from agml import preflight
     from agml.data import load_prompts
     from agml.errors import InputError
 
@@ -181,7 +181,6 @@ def _score_inputs(args):
             raise InputError(f"{flag} must be >= 1, got {value}")
     if args.retain_weight < 0:
         raise InputError(f"--retain-weight must be >= 0, got {args.retain_weight}")
-    runs.check_output(args.out, args.force)
     preflight.check_score_out(args.out, args.force)
     if args.forget is None or args.retain is None:
         from agml.concepts import builtin_inception

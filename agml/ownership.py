@@ -40,6 +40,8 @@ def check_replaceable(out: str | os.PathLike, force: bool) -> None:
     out = Path(out)
     if not out.exists() and not out.is_symlink():
         return
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
     if not force:

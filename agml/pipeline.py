@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from agml import adapter_check, distributed, fingerprint, ownership, preflight, probe_defaults, runs
+from agml import resume as resume_check
 from agml.architecture import mlp_dims
 from agml.data import PromptRecord, load_prompts
 from agml.errors import InputError
@@ -194,7 +195,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     options.validate()
     preflight.check_unlearn_options(options)
     if not resume:
-        runs.check_output(options.out, force)
+        ownership.check_replaceable(options.out, force)
     data = resolve_data(options)
     data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
@@ -216,6 +217,8 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     if options.masks:
         NeuronMasks.load(options.masks).validate_for(*mlp_dims(model))
         fingerprint.warn_or_refuse_masks(options.masks, model, options.allow_model_mismatch, log)
+    if resume:
+        resume_check.check_same_base_model(options.out, model, options.allow_model_mismatch, log)
     model_record = fingerprint.model_record(model)
     preflight.check_context(model, tokenizer, data.forget + data.retain + data.probes,
                             {"--max-new-tokens": options.max_new_tokens, "--answer-tokens": options.answer_tokens})

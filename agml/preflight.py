@@ -90,7 +90,7 @@ def check_finite_options(values: dict[str, float]) -> None:
 
 
 def check_unlearn_options(options) -> None:
-    """Value checks `UnlearnOptions.validate` lacks (the option tree of docs/reliability.md does them once)."""
+    """Value checks `UnlearnOptions.validate` lacks (until one option tree validates every value once)."""
     from agml.objectives import OBJECTIVES
 
     check_finite_options({"--alpha": options.alpha, "--lr": options.lr, "--retain-weight": options.retain_weight,

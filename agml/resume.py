@@ -95,10 +95,25 @@ def resumed_options(args, option_type):
     config_path = partial / CONFIG_FILE
     if not config_path.is_file():
         raise InputError(f"nothing to resume at {run}: {config_path} not found")
-    saved = _saved_options(read_config_file(config_path)["options"], config_path, option_type)
+    config = read_config_file(config_path)
+    saved = _saved_options(config["options"], config_path, option_type)
     problems = _contradictions(args, saved, option_type(out=""))
     if problems:
         raise InputError("--resume continues the run with its saved options; these differ: " + "; ".join(problems)
                          + ". Start a new run (another --out) to change them")
     saved["out"] = str(run)
+    record = config.get("model")
+    if isinstance(record, dict) and isinstance(record.get("id"), str):
+        saved["model"] = record["id"]  # the resolved model, whatever folder this command runs in
     return option_type(**saved)
+
+
+def check_same_base_model(out, model, allow: bool, log) -> None:
+    """A resumed run continues on the model it started with (checked before its config is rewritten)."""
+    from agml.fingerprint import RECORD_KEY, check_same_model
+
+    run = Path(out)
+    config = read_config_file(run.with_name(run.name + ".partial") / CONFIG_FILE)
+    warning = check_same_model(config.get(RECORD_KEY), model, f"the interrupted run {run}", allow)
+    if warning and log is not None:
+        log(warning)

@@ -1,11 +1,10 @@
-"""Run directories: safe creation (work in RUN.partial, rename at the end), config, and loading a finished run."""
+"""Run directories: paths, config, and loading a finished run (creating and replacing them: agml.ownership)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import shutil
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -26,43 +25,6 @@ def partial_dir(out: str | os.PathLike) -> Path:
     """Where an unfinished run lives; it is renamed to `out` only when complete."""
     out = Path(out)
     return out.with_name(out.name + PARTIAL_SUFFIX)
-
-
-def check_output(out: str | os.PathLike, force: bool) -> None:
-    """Refuse to clobber a non-empty folder unless forced (checked before any heavy work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise InputError(f"--out {out} exists and is not empty; pass --force to replace it")
-
-
-def start_run(out: str | os.PathLike, resume: bool = False) -> Path:
-    """Create (or, with resume, reuse) the working folder RUN.partial and return it."""
-    work = partial_dir(out)
-    if resume:
-        if not work.is_dir():
-            raise InputError(f"nothing to resume: {work} does not exist")
-        return work
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    return work
-
-
-def finish_run(work: Path, out: str | os.PathLike) -> Path:
-    """Move the completed working folder into place; an older run at `out` (allowed by --force) is removed."""
-    out = Path(out)
-    if out.exists():
-        trash = out.with_name(out.name + ".old")
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(work, out)
-    return out
 
 
 def package_versions() -> dict[str, str]:

@@ -408,3 +408,11 @@ def test_diverged_training_is_an_error_not_a_nan_report():
         next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
     with pytest.raises(AgmlError, match="training diverged"):
         check_trained_adapter(model)
+
+
+def test_resume_refuses_a_different_base_model(ws, tmp_path, capsys):
+    config = _saved_options(ws, tmp_path / "run")
+    config["model"] = {"id": ws["model"], "architecture": "LlamaForCausalLM", "fingerprint": "0123456789abcdef"}
+    run = _saved_partial(tmp_path, ws, config)
+    refused(["unlearn", "--resume", str(run)], capsys, "interrupted run", "--allow-model-mismatch")
+    assert (tmp_path / "run.partial" / "checkpoint" / "checkpoint-2.safetensors").is_file()
