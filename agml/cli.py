@@ -108,7 +108,7 @@ def _cmd_unlearn(args) -> int:
     if not args.resume:
         preflight.check_out_path(options.out)
     with run_lock.exclusive_run(options.out, distributed.is_main()), \
-            ownership.discard_failed_start(options.out, bool(args.resume)):
+            ownership.discard_failed_start(options.out, bool(args.resume), distributed.is_main()):
         preflight.check_unlearn(options, force=args.force, resume=bool(args.resume))
         run = run_unlearn(options, force=args.force, resume=bool(args.resume))
     if distributed.is_main():

@@ -109,13 +109,14 @@ def finish(work: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def discard_failed_start(out: str | os.PathLike, resume: bool) -> Iterator[None]:
+def discard_failed_start(out: str | os.PathLike, resume: bool, enabled: bool = True) -> Iterator[None]:
     """A run refused by a check made after its working folder was created (say, every retain answer names the
-    concept) leaves nothing behind; a run that reached a checkpoint keeps it for --resume."""
+    concept) leaves nothing behind; a run that reached a checkpoint keeps it for --resume. `enabled=False`: a
+    non-main process of a multi-process launch, which leaves the folder to the main one."""
     partial = Path(out).with_name(Path(out).name + ".partial")
     try:
         yield
     except AgmlError:
-        if not resume and is_ours(partial) and not is_resumable(partial):
+        if enabled and not resume and is_ours(partial) and not is_resumable(partial):
             shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -1,8 +1,8 @@
 """One writer per run: an exclusive `flock` on RUN.lock (beside RUN) held for the whole run.
 
 The kernel drops the lock when the process ends, however it ends (exit, exception, kill -9), so a stale lock
-never blocks a later run. The lock file itself is left in place: deleting it would let two processes lock two
-different files of the same name.
+file never blocks a later run. The holder deletes the file when it is done; a process that locked a file that was
+deleted meanwhile (its inode no longer at RUN.lock) tries again, so two processes never both hold "the" lock.
 """
 
 from __future__ import annotations
@@ -39,20 +39,37 @@ def acquire(out: str | os.PathLike) -> int:
     Returns the lock's file descriptor (closing it releases the lock)."""
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise InputError(f"{out} is in use by another agml run ({_holder(path)}); wait for it to finish "
-                         f"or choose another --out") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{out} is in use by another agml run ({_holder(path)}); wait for it to finish "
+                             f"or choose another --out") from None
+        if _still_at(fd, path):
+            break
+        os.close(fd)  # the previous holder deleted this file after we opened it: lock the current one
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}\n".encode())
     return fd
 
 
-def release(fd: int) -> None:
+def _still_at(fd: int, path: Path) -> bool:
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (current.st_dev, current.st_ino)
+
+
+def release(fd: int, out: str | os.PathLike) -> None:
+    """Delete the lock file (while still holding the lock), then release it."""
+    path = lock_path(out)
+    if _still_at(fd, path):
+        path.unlink()
     os.close(fd)
 
 
@@ -66,4 +83,4 @@ def exclusive_run(out: str | os.PathLike, enabled: bool = True) -> Iterator[None
     try:
         yield
     finally:
-        release(fd)
+        release(fd, out)

@@ -100,7 +100,7 @@ def _other_model(ws: dict) -> Callable[[Path], None]:
 def _locked(folder: Path, ws: dict) -> list[str]:
     from agml import run_lock
 
-    ws["held_lock"] = run_lock.acquire(folder / "run")
+    ws["held_lock"] = (run_lock.acquire(folder / "run"), folder / "run")
     return unlearn(ws, folder / "run")
 
 
@@ -165,7 +165,8 @@ def _random(run: Path) -> None:
 
 
 def _no_partial(folder: Path) -> bool:
-    return not (folder / "run").exists() and not (folder / "run.partial").exists()
+    """Nothing written: no run, no working folder, no lock file."""
+    return not any((folder / name).exists() for name in ("run", "run.partial", "run.lock"))
 
 
 def cases() -> list[Case]:
@@ -265,7 +266,7 @@ def run_case(case: Case, folder: Path, ws: dict) -> tuple[str, bool, float]:
     finally:
         os.chdir(cwd)
         if "held_lock" in ws:
-            run_lock.release(ws.pop("held_lock"))
+            run_lock.release(*ws.pop("held_lock"))
     seconds = time.perf_counter() - started
     lines = err.getvalue().strip().splitlines()
     message = lines[-1] if lines else ""

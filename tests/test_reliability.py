@@ -87,14 +87,16 @@ def test_second_run_on_the_same_out_is_refused_naming_the_first(ws, tmp_path, ca
     try:
         refused(args_for(ws, out), capsys, "in use by another agml run", f"pid {os.getpid()}")
     finally:
-        run_lock.release(fd)
+        run_lock.release(fd, out)
     assert not out.exists() and not (tmp_path / "run.partial").exists()
+    assert not run_lock.lock_path(out).exists()
 
 
 def test_lock_is_free_again_after_a_refused_run(ws, tmp_path, capsys):
     out = tmp_path / "run"
     refused(args_for(ws, out, "--alpha", "0"), capsys, "--alpha")
-    run_lock.release(run_lock.acquire(out))  # would raise if the refused run had kept it
+    assert not run_lock.lock_path(out).exists()  # nothing written for a refused run, not even its lock
+    run_lock.release(run_lock.acquire(out), out)  # would raise if the refused run had kept it
 
 
 # --- agml deletes only what it made ----------------------------------------------------------------------------
@@ -310,7 +312,7 @@ def test_bad_values_are_refused_before_the_model_loads(ws, tmp_path, monkeypatch
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model despite bad input"))
     out = tmp_path / "run"
     refused(args_for(ws, out, *flags), capsys, flag)
-    assert not out.exists() and not (tmp_path / "run.partial").exists()
+    assert not out.exists() and not (tmp_path / "run.partial").exists() and not run_lock.lock_path(out).exists()
 
 
 # --- context length --------------------------------------------------------------------------------------------
@@ -416,3 +418,22 @@ def test_resume_refuses_a_different_base_model(ws, tmp_path, capsys):
     run = _saved_partial(tmp_path, ws, config)
     refused(["unlearn", "--resume", str(run)], capsys, "interrupted run", "--allow-model-mismatch")
     assert (tmp_path / "run.partial" / "checkpoint" / "checkpoint-2.safetensors").is_file()
+
+
+def test_lock_held_by_another_process_is_named_and_freed_by_kill_9(ws, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from agml import run_lock; run_lock.acquire(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused(args_for(ws, out), capsys, "in use by another agml run", f"pid {holder.pid} on ")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run_lock.release(run_lock.acquire(out), out)  # the kernel dropped the killed holder's lock
