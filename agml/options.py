@@ -136,7 +136,11 @@ class TrainOptions:
             raise InputError(f"option early_stop must be true or false, got {self.early_stop!r}")
         if not isinstance(self.objective_params, dict):
             raise InputError(f"option objective_params must be a dict, got {self.objective_params!r}")
-        self.make_objective()  # unknown objective or parameter names fail here, before any work
+        from agml.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective: unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
+        self.make_objective()  # unknown objective parameter names fail here, before any work
 
     def make_objective(self):
         """The configured objective, given the shared options it accepts (its retain weight, beta, seed)."""
@@ -170,6 +174,9 @@ class UnlearnOptions:
     model: str = option("smollm2-135m-instruct", "built-in alias, local folder, .gguf file or hub id")
     dtype: str | None = option(None, "model dtype (default: checkpoint's)", choices=DTYPES)
     trust_remote_code: bool = option(False, "allow model code from the hub (off by default)")
+    allow_model_mismatch: bool = option(
+        False, "use --masks scored on another model, or --resume a run on another base model (warns instead of "
+               "refusing)")
     forget: str | None = option(None, "forget prompts (JSONL); overrides the built-in/template forget set")
     retain: str | None = option(None, "retain prompts (JSONL); replaces the built-in retain set")
     neighbours: str | None = option(None, "extra retain prompts (JSONL) added to the retain set")

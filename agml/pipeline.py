@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from agml import distributed, runs
+from agml import adapter_check, distributed, fingerprint, ownership, preflight, probe_defaults, runs
+from agml import resume as resume_check
 from agml.architecture import mlp_dims
 from agml.data import PromptRecord, conversation_key, load_prompts
 from agml.errors import InputError
@@ -164,11 +165,13 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     """Run the whole job; returns the finished run folder."""
     check_inputs(options)
     if not resume:
-        runs.check_output(options.out, force)
+        ownership.check_replaceable(options.out, force)
     data = resolve_data(options)
+    data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
     from agml.adapters import export_baked, save_adapter
     from agml.evaluation import evaluate
+    from agml.layers import AGML_CONFIG
     from agml.models import load_model
     from agml.reporting import write_report
     from agml.training import train_unlearning
@@ -178,11 +181,19 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     if options.masks:
         NeuronMasks.load(options.masks).validate_for(*mlp_dims(model))
+        fingerprint.warn_or_refuse_masks(options.masks, model, options.allow_model_mismatch, log)
+    if resume:
+        resume_check.check_same_base_model(options.out, model, options.allow_model_mismatch, log)
+    model_record = fingerprint.model_record(model)
+    preflight.check_context(model, tokenizer, data.forget + data.retain + data.probes,
+                            {"--max-new-tokens": options.eval.max_new_tokens,
+                             "--answer-tokens": options.answer_tokens})
     # Under `accelerate launch` every process runs this function; only the main process writes files.
     main = distributed.is_main()
-    work = runs.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
+    work = ownership.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
     if main:
         runs.write_config(work, options.to_dict(), {"name": data.concept, "terms": list(data.terms)})
+        fingerprint.add_to_json_file(work / runs.CONFIG_FILE, model_record)
     distributed.barrier()
 
     forget = runs.load_records(work, "forget") if resume else None
@@ -202,17 +213,19 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     result = train_unlearning(peft_model, tokenizer, forget, retain, options.train,
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
+    adapter_check.check_trained_adapter(peft_model)
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,
                           batch_size=options.eval.eval_batch_size,
                           concept_terms=data.terms, progress=main)
     if main:
         save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
+        fingerprint.add_to_json_file(work / runs.ADAPTER_DIR / AGML_CONFIG, model_record)
         export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
         write_report(work, options=options.to_dict(), evaluation=evaluation, training=result,
                      masks=masks, parameters={"trainable": trainable, "total": total},
                      seconds=time.perf_counter() - started, concept=data.concept)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)  # only needed to resume an unfinished run
-        runs.finish_run(work, options.out)
+        ownership.finish(work, options.out)
     distributed.barrier()
     return Path(options.out)
 
@@ -220,7 +233,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
 def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
     """`agml score`: answers, neuron scores and masks (as `agml unlearn` builds them) written to `options.out`."""
     check_inputs(options)
-    runs.check_output(options.out, force)
+    preflight.check_score_out(options.out, force)
     data = resolve_data(options)
 
     from agml.models import load_model
@@ -231,13 +244,14 @@ def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     data = answer_data(model, tokenizer, options, data, log if distributed.is_main() else None)
     scores, masks = score_and_select(model, tokenizer, options, data)
+    masks.meta[fingerprint.MASKS_KEY] = fingerprint.model_record(model)
     if not distributed.is_main():  # under accelerate launch every process scored its shard; one writes
         return Path(options.out)
-    work = runs.start_run(options.out)
+    work = ownership.start_run(options.out)
     scores.save(work / "scores.safetensors")
     masks.save(work / "masks.safetensors")
     plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
-    out = runs.finish_run(work, options.out)
+    out = ownership.finish(work, options.out)
     busiest = sorted(masks.items(), key=lambda item: (-item[1].numel(), item[0]))[:5]
     log(f"scored {scores.forget_tokens} forget / {scores.retain_tokens} retain answer tokens over "
         f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
