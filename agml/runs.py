@@ -18,6 +18,7 @@ CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
 BAKED_DIR = "adapter-baked"
 DATA_DIR = "data"
+FACTS_FILE = "facts.json"  # the concept facts the judges used (data/facts.json)
 PARTIAL_SUFFIX = ".partial"
 _VERSIONED = ("agml", "torch", "triton", "transformers", "peft", "accelerate", "safetensors")
 
