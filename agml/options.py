@@ -83,6 +83,7 @@ class MaskOptions:
     mask_layers: str | None = option(None, "restrict selection to a decoder-layer range, e.g. 8-20 (default: all)")
     per_layer_standardize: bool = option(
         False, "rank neurons by their contrast z-scored within each layer (a layer shifted as a whole cannot win)")
+    score_batch_size: int = option(16, "prompts per forward/backward of the scoring pass (scores do not depend on it)")
 
     def __post_init__(self) -> None:
         _float("density", self.density, 0.0, 1.0, low_open=True)
@@ -90,6 +91,7 @@ class MaskOptions:
         _choice("score", self.score, SCORES)
         _float("mask_retain_weight", self.mask_retain_weight, 0.0)
         _choice("score_positions", self.score_positions, SCORE_POSITIONS)
+        _int("score_batch_size", self.score_batch_size, 1)
         if self.mask_layers is not None and not re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", str(self.mask_layers)):
             _refuse("mask_layers", "be a range FIRST-LAST such as 8-20", self.mask_layers)
         if not isinstance(self.per_layer_standardize, bool):
@@ -117,7 +119,7 @@ class TrainOptions:
     objective: str = option("refusal", "refusal | forget-targets (refusal for questions, the base answer with the "
                             "concept banned for recommendation requests) | npo | simnpo | rmu | gradient-difference")
     steps: int = option(30, "optimizer steps")
-    batch_size: int = option(4, "prompts per step (also the scoring batch)")
+    batch_size: int = option(4, "forget and retain prompts per training step")
     lr: float = option(2e-3, "learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")

@@ -206,7 +206,7 @@ def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
 
     mask = options.mask
     if mask.score_positions == "answer":
-        scores = score_records(model, tokenizer, data.forget, data.retain, options.train.batch_size,
+        scores = score_records(model, tokenizer, data.forget, data.retain, mask.score_batch_size,
                                progress=distributed.is_main())
     else:
         from agml.entities import entity_token_ids
@@ -217,7 +217,7 @@ def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
             model, tokenizer, data.forget, data.retain, entity_token_ids(tokenizer, data.terms),
             positions=mask.score_positions,
             retain_entity_token_ids=entity_token_ids(tokenizer, neighbours) if neighbours else (),
-            batch_size=options.train.batch_size, progress=distributed.is_main())
+            batch_size=mask.score_batch_size, progress=distributed.is_main())
     layers = None if mask.mask_layers is None else layer_range(mask.mask_layers, scores.num_layers)
     masks = build_masks(scores, density=mask.density, strategy=mask.strategy, score=mask.score, layers=layers,
                         retain_weight=mask.mask_retain_weight, per_layer_standardize=mask.per_layer_standardize)
