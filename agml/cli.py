@@ -254,6 +254,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--relearn-examples", type=int, default=DEFAULT_EXAMPLES,
                    help="how many forget answers the relearning attack trains on")
     p.add_argument("--seed", type=int, default=0, help="seed of the relearning attack")
+    from agml.export import add_quantize_argument
+
+    add_quantize_argument(p)
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -308,6 +311,10 @@ def _cmd_eval(args) -> int:
     from agml.evaluation import evaluate, format_summary
 
     config, probes, forget = _eval_inputs(args)
+    if args.quantize is not None:
+        from agml.export import quantized_eval_handler
+
+        return quantized_eval_handler(args, probes)
     loaded = runs.load_run(args.run)
     result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, concept_terms=_eval_concept_terms(config))
@@ -329,6 +336,15 @@ def _cmd_eval(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_eval_parser)
+
+
+def _add_export_parser(sub) -> None:
+    from agml.export import add_export_parser
+
+    add_export_parser(sub)
+
+
+_SUBCOMMANDS.append(_add_export_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
