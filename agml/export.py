@@ -32,7 +32,7 @@ QUANT_BLOCK = 32  # weights per quantisation block (the sub-block of the k-quant
 # Types the gguf package writes: name -> (tensor type of 2-D weights, GGUF file type).
 PACKAGE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 # Types llama.cpp's quantiser writes from an f32 file: name -> llama_ftype.
-LLAMA_CPP_TYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+LLAMA_CPP_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 EXPORT_TYPES = tuple(dict.fromkeys((*PACKAGE_TYPES, *LLAMA_CPP_TYPES)))
 EVAL_TYPES = tuple(t for t in EXPORT_TYPES if t not in ("f32",))
 _GGUF_ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -432,21 +432,41 @@ def _rates(probes, answers: Sequence[str]) -> dict:
     return {kind: pass_rates(probes, passed, kind)["pass_rate"] for kind in ("forget", "retain")}
 
 
-def quantized_eval(run: str | os.PathLike, qtype: str, probes=None, max_new_tokens: int = 64,
+def _quantized_copies(model, tokenizer, folder: Path, label: str, qtypes: Sequence[str], backend: str,
+                      pre: str | None) -> dict[str, Path]:
+    """`model` as an f32 GGUF and in each of `qtypes`: llama.cpp's quantiser when it is the backend (or for the
+    k-quants), else the gguf package's writer."""
+    full = write_gguf(model, tokenizer, folder / f"{label}-f32.gguf", "f32", tokenizer_pre=pre)
+    files = {"f32": full}
+    for qtype in qtypes:
+        out = folder / f"{label}-{qtype}.gguf"
+        if backend == "llama.cpp" or qtype not in PACKAGE_TYPES:
+            files[qtype] = llama_cpp_quantize(full, out, qtype)
+        else:
+            files[qtype] = write_gguf(model, tokenizer, out, qtype, tokenizer_pre=pre)
+    return files
+
+
+def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=None, max_new_tokens: int = 64,
                    batch_size: int = 16, backend: str | None = None, workdir: str | os.PathLike | None = None) -> dict:
-    """Forget/retain pass rates of the merged model unquantised (transformers) and quantised to `qtype`, and how
-    many 32-weight blocks the merge still changes after quantisation (quantised base vs quantised merged).
+    """Forget/retain pass rates of the merged model unquantised (transformers, float32) and quantised to each of
+    `qtypes`, and how many 32-weight blocks the merge still changes after quantisation (quantised base vs quantised
+    merged; "f32" counts them before quantisation).
 
     backend: "llama.cpp" or "transformers"; None picks llama.cpp where installed. The k-quants need llama.cpp.
     """
     from agml.generation import greedy_answers
     from agml.models import load_model
 
-    if qtype not in EVAL_TYPES:
-        raise InputError(f"--quantize must be one of {', '.join(EVAL_TYPES)}; got {qtype!r}")
+    qtypes = [qtypes] if isinstance(qtypes, str) else list(qtypes)
+    unknown = [t for t in qtypes if t not in EVAL_TYPES]
+    if not qtypes or unknown:
+        raise InputError(f"--quantize takes types among {', '.join(EVAL_TYPES)}; got {', '.join(qtypes) or 'none'}")
     backend = backend or ("llama.cpp" if llama_cpp_available() else "transformers")
-    if backend == "llama.cpp" or qtype not in PACKAGE_TYPES:
-        _require_llama_cpp(f"--quantize {qtype}")
+    if backend not in ("llama.cpp", "transformers"):
+        raise InputError(f"backend must be llama.cpp or transformers, got {backend!r}")
+    if backend == "llama.cpp" or any(t not in PACKAGE_TYPES for t in qtypes):
+        _require_llama_cpp(f"--quantize {','.join(qtypes)}")
     merged, tokenizer, loaded = merged_run(run)
     probes = probes or loaded.probes
     if not probes:
@@ -454,26 +474,38 @@ def quantized_eval(run: str | os.PathLike, qtype: str, probes=None, max_new_toke
     options = loaded.config["options"]
     pre = source_tokenizer_pre(options["model"])
     conversations = [p.messages for p in probes]
-    unquantized = greedy_answers(merged, tokenizer, conversations, max_new_tokens, batch_size)
+    reference = greedy_answers(merged, tokenizer, conversations, max_new_tokens, batch_size)
+    answers, blocks = {}, {}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="agml-quantize-") as scratch:
-        merged_file = export_gguf(merged, tokenizer, Path(scratch) / f"merged-{qtype}.gguf", qtype,
-                                  tokenizer_pre=pre)
+        folder = Path(scratch)
+        merged_files = _quantized_copies(merged, tokenizer, folder, "merged", qtypes, backend, pre)
         del merged
         base, _ = load_model(options["model"], dtype="float32", device="cpu")
-        base_file = export_gguf(base, tokenizer, Path(scratch) / f"base-{qtype}.gguf", qtype, tokenizer_pre=pre)
+        base_files = _quantized_copies(base, tokenizer, folder, "base", qtypes, backend, pre)
         del base
-        blocks = changed_blocks(base_file, merged_file)
-        quantized = GgufRuntime(merged_file, tokenizer, backend).answers(conversations, max_new_tokens, batch_size)
-    before, after = _rates(probes, unquantized), _rates(probes, quantized)
+        for qtype, merged_file in merged_files.items():
+            blocks[qtype] = changed_blocks(base_files[qtype], merged_file)
+        for qtype in qtypes:
+            runtime = GgufRuntime(merged_files[qtype], tokenizer, backend)
+            answers[qtype] = runtime.answers(conversations, max_new_tokens, batch_size)
+    unquantized = _rates(probes, reference)
+    types = {}
+    for qtype in qtypes:
+        rates = _rates(probes, answers[qtype])
+        types[qtype] = {
+            "pass_rate": rates,
+            "change": {k: _difference(rates[k], unquantized[k]) for k in rates},
+            "blocks": blocks[qtype],
+            "answers_differ": sum(a != b for a, b in zip(answers[qtype], reference, strict=True)),
+        }
     return {
-        "type": qtype,
         "backend": backend,
-        "unquantized": before,
-        "quantized": after,
-        "change": {k: _difference(after[k], before[k]) for k in before},
-        "blocks": blocks,
-        "probes": [{"prompt": p.prompt, "type": p.type, "unquantized": u, "quantized": q}
-                   for p, u, q in zip(probes, unquantized, quantized, strict=True)],
+        "n": {kind: sum(p.type == kind for p in probes) for kind in ("forget", "retain")},
+        "unquantized": unquantized,
+        "blocks_f32": blocks["f32"],
+        "types": types,
+        "probes": [{"prompt": p.prompt, "type": p.type, "unquantized": reference[i],
+                    **{qtype: answers[qtype][i] for qtype in qtypes}} for i, p in enumerate(probes)],
     }
 
 
@@ -482,19 +514,25 @@ def _difference(a: float | None, b: float | None) -> float | None:
 
 
 def format_quantized(result: dict) -> str:
+    """A table: pass rates unquantised and per type, changed blocks, answers that differ."""
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
-    blocks = result["blocks"]
-    lines = [f"quantised to {result['type']} ({result['backend']}):"]
-    for kind in ("forget", "retain"):
-        change = result["change"][kind]
-        lines.append(f"  {kind} pass rate: {pct(result['unquantized'][kind])} unquantised -> "
-                     f"{pct(result['quantized'][kind])} quantised"
-                     + ("" if change is None else f" ({100 * change:+.1f} points)"))
-    lines.append(f"  32-weight blocks the merge changes after quantisation: {blocks['changed']} of {blocks['total']}")
-    differ = sum(p["unquantized"] != p["quantized"] for p in result["probes"])
-    lines.append(f"  answers that differ from the unquantised model's: {differ} of {len(result['probes'])}")
+    def points(value):
+        return "" if value is None else f" ({100 * value:+.1f})"
+
+    n = result["n"]
+    lines = [f"merged model, probes in {result['backend']} ({n['forget']} forget, {n['retain']} retain); "
+             "blocks = 32-weight blocks where quantised merged != quantised base",
+             f"{'type':<8} {'forget pass':<18} {'retain pass':<18} {'blocks changed':<22} answers differ",
+             f"{'f32':<8} {pct(result['unquantized']['forget']):<18} {pct(result['unquantized']['retain']):<18} "
+             f"{result['blocks_f32']['changed']} of {result['blocks_f32']['total']:<12} (reference)"]
+    for qtype, row in result["types"].items():
+        rates, change, blocks = row["pass_rate"], row["change"], row["blocks"]
+        forget = pct(rates["forget"]) + points(change["forget"])
+        retain = pct(rates["retain"]) + points(change["retain"])
+        lines.append(f"{qtype:<8} {forget:<18} {retain:<18} {blocks['changed']} of {blocks['total']:<12} "
+                     f"{row['answers_differ']} of {len(result['probes'])}")
     return "\n".join(lines)
 
 
@@ -518,11 +556,20 @@ def export_handler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _type_list(text: str) -> list[str]:
+    types = [t.strip().lower() for t in text.split(",") if t.strip()]
+    unknown = [t for t in types if t not in EVAL_TYPES]
+    if not types or unknown:
+        raise argparse.ArgumentTypeError(f"types must be among {', '.join(EVAL_TYPES)}; got {text!r}")
+    return types
+
+
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
-    """`agml eval RUN --quantize TYPE` (the eval command calls `quantized_eval_handler` when it is set)."""
-    parser.add_argument("--quantize", choices=EVAL_TYPES, metavar="TYPE",
-                        help=f"re-run the probes on the merged model quantised to TYPE ({', '.join(EVAL_TYPES)}); "
-                             "llama.cpp where installed, else transformers' GGUF loader")
+    """`agml eval RUN --quantize TYPE[,TYPE..]` (the eval command calls `quantized_eval_handler` when it is set)."""
+    parser.add_argument("--quantize", type=_type_list, metavar="TYPE[,TYPE..]",
+                        help="re-run the probes on the merged model quantised to each TYPE "
+                             f"({', '.join(EVAL_TYPES)}); in llama.cpp where installed, else through transformers' "
+                             "GGUF loader (the k-quants need llama.cpp)")
 
 
 def quantized_eval_handler(args: argparse.Namespace, probes=None) -> int:

@@ -180,15 +180,24 @@ def test_export_command(tiny_run, tmp_path, capsys):
     assert main(["export", tiny_run, "--gguf", str(out), "--force"]) == 0
 
 
-def test_quantized_eval_through_transformers(tiny_run, tmp_path, capsys):
+def test_quantized_eval_command(tiny_run, tmp_path, capsys):
     target = tmp_path / "q.json"
-    assert main(["eval", tiny_run, "--quantize", "q4_1", "--max-new-tokens", "4", "--json", str(target)]) == 0
-    assert "quantised to q4_1" in capsys.readouterr().out
+    argv = ["eval", tiny_run, "--quantize", "q4_1,q8_0", "--max-new-tokens", "4", "--json", str(target)]
+    assert main(argv) == 0
+    assert "q4_1" in capsys.readouterr().out
     result = json.loads(target.read_text())
-    assert set(result["unquantized"]) == set(result["quantized"]) == {"forget", "retain"}
+    assert list(result["types"]) == ["q4_1", "q8_0"]
+    assert set(result["unquantized"]) == set(result["types"]["q8_0"]["pass_rate"]) == {"forget", "retain"}
     assert len(result["probes"]) == len(PROBES)
-    if result["backend"] == "transformers":
-        assert 0 < result["blocks"]["changed"] < result["blocks"]["total"]
+    # the adapter moves 2 x 3 + 2 x 2 neuron rows/columns of 32 weights (hidden 32): some blocks, never all
+    assert 0 < result["blocks_f32"]["changed"] < result["blocks_f32"]["total"]
+    assert result["types"]["q8_0"]["blocks"]["changed"] <= result["blocks_f32"]["changed"]
+
+
+def test_quantize_refuses_unknown_types(tiny_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", tiny_run, "--quantize", "q8_0,q3_x"])
+    assert exit_info.value.code == 2 and "q4_k_m" in capsys.readouterr().err
 
 
 def test_k_quants_without_llama_cpp_name_the_extra(tiny_run, tmp_path, monkeypatch):
