@@ -98,20 +98,25 @@ def gguf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        _, name = _gguf_name(model, key)
         value = value.detach().to("cpu", torch.float32)
-        if key in _MODEL_TENSORS:
-            if key == "lm_head.weight" and tied:
-                continue  # llama.cpp reuses token_embd when output.weight is absent
-            yield _MODEL_TENSORS[key], value
-            continue
-        prefix, _, rest = key.partition(".layers.")
-        index, _, local = rest.partition(".")
-        if prefix != "model" or not index.isdigit() or local not in _LAYER_TENSORS:
-            raise AgmlError(f"GGUF export does not know where {key} goes in a {arch} GGUF file")
-        if arch == "llama" and local.startswith(("self_attn.q_proj", "self_attn.k_proj")):
-            heads = config.num_attention_heads if "q_proj" in local else config.num_key_value_heads
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
             value = rope_interleave(value, heads)
-        yield f"blk.{index}.{_LAYER_TENSORS[local]}", value
+        yield name, value
+
+
+def _gguf_name(model, key: str) -> tuple[str, str]:
+    """(transformers state-dict key, GGUF tensor name)."""
+    if key in _MODEL_TENSORS:
+        return key, _MODEL_TENSORS[key]
+    prefix, _, rest = key.partition(".layers.")
+    index, _, local = rest.partition(".")
+    if prefix != "model" or not index.isdigit() or local not in _LAYER_TENSORS:
+        raise AgmlError(f"GGUF export does not know where {key} goes in a {gguf_architecture(model)} GGUF file")
+    return key, f"blk.{index}.{_LAYER_TENSORS[local]}"
 
 
 def _encoded(values: torch.Tensor, qtype: str):
@@ -309,6 +314,60 @@ def export_gguf(model, tokenizer, out: str | os.PathLike, qtype: str = "f16", fo
     return out
 
 
+def _lora_factors(peft_model) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """(HF weight name, lora_A (r, in), lora_B (out, r), alpha) per adapted Linear; zeros outside a mask."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    from agml.layers import MaskedLoraLinear
+
+    adapter = peft_model.active_adapter
+    config = peft_model.peft_config[adapter]
+    if getattr(config, "use_rslora", False) or getattr(config, "use_dora", False):
+        raise AgmlError("llama.cpp LoRA adapters are plain LoRA (scale alpha/r): no rsLoRA or DoRA")
+    for name, module in peft_model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        if isinstance(module, MaskedLoraLinear):
+            lora_a, lora_b = module.dense_factors(adapter)
+        else:
+            lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        yield f"{name}.weight", lora_a.detach().float().cpu(), lora_b.detach().float().cpu(), float(config.lora_alpha)
+
+
+def write_gguf_lora(peft_model, out: str | os.PathLike, force: bool = False, name: str = "agml") -> Path:
+    """The active adapter as a llama.cpp LoRA GGUF (`llama-cli --lora`, Ollama `ADAPTER`), applied at run time on
+    any copy of the base, quantised or not: the update stays in float32 next to the quantised base weights."""
+    import gguf
+
+    base = peft_model.get_base_model()
+    arch = gguf_architecture(base)
+    renamed = dict(_gguf_name(base, key) for key in base.state_dict())
+    factors = list(_lora_factors(peft_model))
+    if not factors:
+        raise AgmlError("the model has no LoRA layers to export")
+    out = Path(out)
+    with _atomic_file(out, force) as staging:
+        writer = gguf.GGUFWriter(str(staging), arch)
+        writer.add_type("adapter")
+        writer.add_name(name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, factors[0][3])
+        for key, lora_a, lora_b, _ in factors:
+            target = renamed.get(key)
+            if target is None:
+                raise AgmlError(f"GGUF export does not know where the adapter on {key} goes")
+            if arch == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = base.config.num_attention_heads if "attn_q" in target else base.config.num_key_value_heads
+                lora_b = rope_interleave(lora_b, heads)
+            writer.add_tensor(f"{target}.lora_a", lora_a.numpy())
+            writer.add_tensor(f"{target}.lora_b", lora_b.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out
+
+
 # --- runs ------------------------------------------------------------------------------------------------------
 
 
@@ -371,26 +430,38 @@ def changed_blocks(base_file: str | os.PathLike, merged_file: str | os.PathLike)
 
 @dataclass
 class GgufRuntime:
-    """Greedy answers from a GGUF file: llama.cpp when installed, else transformers' GGUF loader."""
+    """Greedy answers from a GGUF file, optionally with the run's adapter applied at run time (unmerged): llama.cpp
+    (adapter: a LoRA GGUF from `write_gguf_lora`) or transformers' GGUF loader (adapter: the run folder)."""
 
     path: Path
     tokenizer: object
     backend: str
+    adapter: Path | None = None
 
     def answers(self, conversations: Sequence, max_new_tokens: int, batch_size: int) -> list[str]:
         if self.backend == "llama.cpp":
-            return llama_cpp_answers(self.path, self.tokenizer, conversations, max_new_tokens)
+            return llama_cpp_answers(self.path, self.tokenizer, conversations, max_new_tokens, lora=self.adapter)
         from transformers import AutoModelForCausalLM
 
         from agml.generation import greedy_answers
 
         model = AutoModelForCausalLM.from_pretrained(str(self.path.parent), gguf_file=self.path.name,
                                                      dtype=torch.float32)
+        if self.adapter is not None:
+            model = _with_run_adapter(model, self.adapter)
         model.eval()
-        try:
-            return greedy_answers(model, self.tokenizer, conversations, max_new_tokens, batch_size)
-        finally:
-            del model
+        return greedy_answers(model, self.tokenizer, conversations, max_new_tokens, batch_size)
+
+
+def _with_run_adapter(model, run: Path):
+    from agml import runs
+    from agml.layers import load_adapter
+
+    if runs.read_config(run)["options"].get("method") == "lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(run / runs.ADAPTER_DIR))
+    return load_adapter(model, run / runs.ADAPTER_DIR)
 
 
 def _stop_ids(tokenizer) -> set[int]:
@@ -400,16 +471,16 @@ def _stop_ids(tokenizer) -> set[int]:
 
 
 def llama_cpp_answers(path: str | os.PathLike, tokenizer, conversations: Sequence, max_new_tokens: int = 64,
-                      threads: int = 1) -> list[str]:
+                      threads: int = 1, lora: str | os.PathLike | None = None) -> list[str]:
     """Greedy answers from llama.cpp on the same prompt token ids as agml's evaluation (chat template applied by
-    the run's tokenizer), so only the weights and the runtime differ."""
+    the run's tokenizer), so only the weights and the runtime differ. lora: a LoRA GGUF applied at run time."""
     from agml.data import prompt_ids
 
     llama_cpp = _require_llama_cpp("running a GGUF file in llama.cpp")
     encoded = [prompt_ids(tokenizer, conversation) for conversation in conversations]
     context = max(len(ids) for ids in encoded) + max_new_tokens + 8
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_batch=min(context, 512),
-                          seed=0, verbose=False)
+                          seed=0, verbose=False, lora_path=None if lora is None else str(lora))
     stop = _stop_ids(tokenizer)
     answers = []
     try:
@@ -448,15 +519,18 @@ def _quantized_copies(model, tokenizer, folder: Path, label: str, qtypes: Sequen
 
 
 def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=None, max_new_tokens: int = 64,
-                   batch_size: int = 16, backend: str | None = None, workdir: str | os.PathLike | None = None) -> dict:
+                   batch_size: int = 16, backend: str | None = None, unmerged: bool = True,
+                   workdir: str | os.PathLike | None = None) -> dict:
     """Forget/retain pass rates of the merged model unquantised (transformers, float32) and quantised to each of
-    `qtypes`, and how many 32-weight blocks the merge still changes after quantisation (quantised base vs quantised
-    merged; "f32" counts them before quantisation).
+    `qtypes`; with `unmerged`, also of the quantised base with the adapter applied at run time (float32 factors,
+    not rounded into the quantised weights). Also how many 32-weight blocks the merge still changes after
+    quantisation (quantised base vs quantised merged; "f32" counts them before quantisation).
 
     backend: "llama.cpp" or "transformers"; None picks llama.cpp where installed. The k-quants need llama.cpp.
     """
     from agml.generation import greedy_answers
     from agml.models import load_model
+    from agml.runs import load_run
 
     qtypes = [qtypes] if isinstance(qtypes, str) else list(qtypes)
     unknown = [t for t in qtypes if t not in EVAL_TYPES]
@@ -467,19 +541,25 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
         raise InputError(f"backend must be llama.cpp or transformers, got {backend!r}")
     if backend == "llama.cpp" or any(t not in PACKAGE_TYPES for t in qtypes):
         _require_llama_cpp(f"--quantize {','.join(qtypes)}")
-    merged, tokenizer, loaded = merged_run(run)
+    run = Path(run)
+    loaded = load_run(run, device="cpu")
     probes = probes or loaded.probes
     if not probes:
         raise InputError(f"{run} holds no probes; pass --probes")
-    options = loaded.config["options"]
+    tokenizer, options = loaded.tokenizer, loaded.config["options"]
     pre = source_tokenizer_pre(options["model"])
     conversations = [p.messages for p in probes]
-    reference = greedy_answers(merged, tokenizer, conversations, max_new_tokens, batch_size)
-    answers, blocks = {}, {}
+    answers: dict[str, list[str]] = {}
+    blocks = {}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="agml-quantize-") as scratch:
         folder = Path(scratch)
+        adapter = run
+        if unmerged and backend == "llama.cpp":
+            adapter = write_gguf_lora(loaded.model, folder / "adapter.gguf")
+        merged = loaded.model.merge_and_unload().eval()
+        reference = greedy_answers(merged, tokenizer, conversations, max_new_tokens, batch_size)
         merged_files = _quantized_copies(merged, tokenizer, folder, "merged", qtypes, backend, pre)
-        del merged
+        del merged, loaded
         base, _ = load_model(options["model"], dtype="float32", device="cpu")
         base_files = _quantized_copies(base, tokenizer, folder, "base", qtypes, backend, pre)
         del base
@@ -488,24 +568,27 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
         for qtype in qtypes:
             runtime = GgufRuntime(merged_files[qtype], tokenizer, backend)
             answers[qtype] = runtime.answers(conversations, max_new_tokens, batch_size)
+            if unmerged:
+                runtime = GgufRuntime(base_files[qtype], tokenizer, backend, adapter)
+                answers[f"{qtype}+adapter"] = runtime.answers(conversations, max_new_tokens, batch_size)
     unquantized = _rates(probes, reference)
-    types = {}
-    for qtype in qtypes:
-        rates = _rates(probes, answers[qtype])
-        types[qtype] = {
+    rows = {}
+    for label, texts in answers.items():
+        rates = _rates(probes, texts)
+        rows[label] = {
             "pass_rate": rates,
             "change": {k: _difference(rates[k], unquantized[k]) for k in rates},
-            "blocks": blocks[qtype],
-            "answers_differ": sum(a != b for a, b in zip(answers[qtype], reference, strict=True)),
+            "blocks": blocks.get(label),
+            "answers_differ": sum(a != b for a, b in zip(texts, reference, strict=True)),
         }
     return {
         "backend": backend,
         "n": {kind: sum(p.type == kind for p in probes) for kind in ("forget", "retain")},
         "unquantized": unquantized,
         "blocks_f32": blocks["f32"],
-        "types": types,
+        "types": rows,
         "probes": [{"prompt": p.prompt, "type": p.type, "unquantized": reference[i],
-                    **{qtype: answers[qtype][i] for qtype in qtypes}} for i, p in enumerate(probes)],
+                    **{label: texts[i] for label, texts in answers.items()}} for i, p in enumerate(probes)],
     }
 
 
@@ -522,16 +605,19 @@ def format_quantized(result: dict) -> str:
         return "" if value is None else f" ({100 * value:+.1f})"
 
     n = result["n"]
-    lines = [f"merged model, probes in {result['backend']} ({n['forget']} forget, {n['retain']} retain); "
-             "blocks = 32-weight blocks where quantised merged != quantised base",
-             f"{'type':<8} {'forget pass':<18} {'retain pass':<18} {'blocks changed':<22} answers differ",
-             f"{'f32':<8} {pct(result['unquantized']['forget']):<18} {pct(result['unquantized']['retain']):<18} "
-             f"{result['blocks_f32']['changed']} of {result['blocks_f32']['total']:<12} (reference)"]
-    for qtype, row in result["types"].items():
+    lines = [f"probes in {result['backend']} ({n['forget']} forget, {n['retain']} retain); TYPE = merged then "
+             "quantised, TYPE+adapter = quantised base with the adapter applied unmerged; blocks = 32-weight blocks "
+             "where quantised merged != quantised base",
+             f"{'weights':<16} {'forget pass':<18} {'retain pass':<18} {'blocks changed':<22} answers differ",
+             f"{'f32 (merged)':<16} {pct(result['unquantized']['forget']):<18} "
+             f"{pct(result['unquantized']['retain']):<18} "
+             f"{str(result['blocks_f32']['changed']) + ' of ' + str(result['blocks_f32']['total']):<22} reference"]
+    for label, row in result["types"].items():
         rates, change, blocks = row["pass_rate"], row["change"], row["blocks"]
         forget = pct(rates["forget"]) + points(change["forget"])
         retain = pct(rates["retain"]) + points(change["retain"])
-        lines.append(f"{qtype:<8} {forget:<18} {retain:<18} {blocks['changed']} of {blocks['total']:<12} "
+        changed = "adapter unmerged" if blocks is None else f"{blocks['changed']} of {blocks['total']}"
+        lines.append(f"{label:<16} {forget:<18} {retain:<18} {changed:<22} "
                      f"{row['answers_differ']} of {len(result['probes'])}")
     return "\n".join(lines)
 
@@ -540,19 +626,35 @@ def format_quantized(result: dict) -> str:
 
 
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="merge a run's adapter into its base and write a GGUF file (llama.cpp, Ollama)",
-                       description="f32/f16/q8_0/q4_0/q4_1 are written by the gguf package; q4_k_m, q5_k_m, q6_k "
-                                   "need llama.cpp (pip install 'agml[gguf]').")
+    p = sub.add_parser("export", help="write a run as GGUF for llama.cpp/Ollama: merged model and/or LoRA adapter",
+                       description="--gguf: the adapter merged into the base; f32/f16/q8_0/q4_0/q4_1 are written by "
+                                   "the gguf package, q4_k_m/q5_k_m/q6_k need llama.cpp (pip install 'agml[gguf]'). "
+                                   "--lora-gguf: the adapter alone, applied at run time on any copy of the base "
+                                   "(llama.cpp --lora, Ollama ADAPTER); it keeps the update out of the quantised "
+                                   "weights.")
     p.add_argument("run", metavar="RUN", help="run folder written by agml unlearn")
-    p.add_argument("--gguf", required=True, metavar="OUT", help="GGUF file to write")
-    p.add_argument("--type", default="f16", choices=EXPORT_TYPES, help="weight type (default f16)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--gguf", metavar="OUT", help="merged model GGUF file to write")
+    p.add_argument("--type", default="f16", choices=EXPORT_TYPES, help="weight type of --gguf (default f16)")
+    p.add_argument("--lora-gguf", metavar="OUT", help="LoRA adapter GGUF file to write")
+    p.add_argument("--force", action="store_true", help="replace output files that exist")
     p.set_defaults(handler=export_handler)
 
 
 def export_handler(args: argparse.Namespace) -> int:
-    out = export_run(args.run, args.gguf, args.type, args.force)
-    print(f"written {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
+    if not args.gguf and not args.lora_gguf:
+        raise InputError("give --gguf OUT (merged model) and/or --lora-gguf OUT (adapter)")
+    if args.lora_gguf:
+        from agml.runs import load_run
+
+        target = Path(args.lora_gguf)
+        if target.exists() and not args.force:
+            raise InputError(f"{target} exists; pass --force to replace it")
+        out = write_gguf_lora(load_run(args.run, device="cpu").model, target, args.force,
+                              name=f"agml {Path(args.run).name}")
+        print(f"written {out} (LoRA adapter, {out.stat().st_size / 2**20:.1f} MiB)")
+    if args.gguf:
+        out = export_run(args.run, args.gguf, args.type, args.force)
+        print(f"written {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 

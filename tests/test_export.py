@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from tiny_models import PROBES, tiny_model
@@ -186,12 +187,26 @@ def test_quantized_eval_command(tiny_run, tmp_path, capsys):
     assert main(argv) == 0
     assert "q4_1" in capsys.readouterr().out
     result = json.loads(target.read_text())
-    assert list(result["types"]) == ["q4_1", "q8_0"]
+    assert list(result["types"]) == ["q4_1", "q4_1+adapter", "q8_0", "q8_0+adapter"]
     assert set(result["unquantized"]) == set(result["types"]["q8_0"]["pass_rate"]) == {"forget", "retain"}
     assert len(result["probes"]) == len(PROBES)
     # the adapter moves 2 x 3 + 2 x 2 neuron rows/columns of 32 weights (hidden 32): some blocks, never all
     assert 0 < result["blocks_f32"]["changed"] < result["blocks_f32"]["total"]
     assert result["types"]["q8_0"]["blocks"]["changed"] <= result["blocks_f32"]["changed"]
+    assert result["types"]["q8_0+adapter"]["blocks"] is None  # the quantised base with the adapter unmerged
+
+
+def test_lora_gguf_holds_the_dense_factors(tiny_run, tmp_path, capsys):
+    out = tmp_path / "adapter.gguf"
+    assert main(["export", tiny_run, "--lora-gguf", str(out)]) == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.lora.alpha"].contents() == 16.0
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {f"blk.{layer}.ffn_{name}.weight.lora_{ab}"
+                            for layer in MASKED for name in ("gate", "up", "down") for ab in "ab"}
+    gate_b = tensors["blk.0.ffn_gate.weight.lora_b"].data  # (intermediate, r): the masked neurons' rows only
+    assert gate_b.shape == (64, 8) and sorted(np.flatnonzero(np.abs(gate_b).sum(1))) == MASKED[0]
 
 
 def test_quantize_refuses_unknown_types(tiny_run, capsys):
