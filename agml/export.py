@@ -341,7 +341,6 @@ def write_gguf_lora(peft_model, out: str | os.PathLike, force: bool = False, nam
 
     base = peft_model.get_base_model()
     arch = gguf_architecture(base)
-    renamed = dict(_gguf_name(base, key) for key in base.state_dict())
     factors = list(_lora_factors(peft_model))
     if not factors:
         raise AgmlError("the model has no LoRA layers to export")
@@ -353,9 +352,7 @@ def write_gguf_lora(peft_model, out: str | os.PathLike, force: bool = False, nam
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, factors[0][3])
         for key, lora_a, lora_b, _ in factors:
-            target = renamed.get(key)
-            if target is None:
-                raise AgmlError(f"GGUF export does not know where the adapter on {key} goes")
+            _, target = _gguf_name(base, key)
             if arch == "llama" and target.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = base.config.num_attention_heads if "attn_q" in target else base.config.num_key_value_heads
                 lora_b = rope_interleave(lora_b, heads)
