@@ -45,8 +45,8 @@ def tokenizer():
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML)
 
 
-def merged_model(arch: str, tokenizer):
-    """A tiny model with a masked adapter whose factors are all non-zero, merged: (base, merged)."""
+def adapted_model(arch: str, tokenizer):
+    """A tiny model and a copy with a masked adapter whose factors are all non-zero: (base, PeftModel)."""
     base = tiny_model(arch, vocab_size=len(tokenizer))
     peft_model = apply_masked_lora(tiny_model(arch, vocab_size=len(tokenizer)), NeuronMasks(
         {layer: torch.tensor(ids) for layer, ids in MASKED.items()}))
@@ -54,6 +54,12 @@ def merged_model(arch: str, tokenizer):
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = torch.randn_like(param) * 0.5
+    return base, peft_model
+
+
+def merged_model(arch: str, tokenizer):
+    """(base, the adapted copy merged into a plain model)."""
+    base, peft_model = adapted_model(arch, tokenizer)
     return base, peft_model.merge_and_unload()
 
 
@@ -239,6 +245,20 @@ def test_llama_cpp_runs_the_export_like_transformers(tokenizer, tmp_path):
     llm.close()
     expected = greedy_answers(merged, tokenizer, conversations, max_new_tokens=8)
     assert export.llama_cpp_answers(out, tokenizer, conversations, max_new_tokens=8) == expected
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_lora_gguf_like_the_merge(tokenizer, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from agml.generation import greedy_answers
+
+    base, peft_model = adapted_model("llama", tokenizer)
+    lora = export.write_gguf_lora(peft_model, tmp_path / "adapter.gguf")
+    base_file = export.write_gguf(base, tokenizer, tmp_path / "base.gguf", "f32")
+    conversations = [[{"role": "user", "content": p["prompt"]}] for p in PROBES]
+    expected = greedy_answers(peft_model.merge_and_unload(), tokenizer, conversations, max_new_tokens=8)
+    assert export.llama_cpp_answers(base_file, tokenizer, conversations, max_new_tokens=8, lora=lora) == expected
+    assert export.llama_cpp_answers(base_file, tokenizer, conversations, max_new_tokens=8) != expected
 
 
 @pytest.mark.slow
