@@ -482,6 +482,7 @@ def llama_cpp_answers(path: str | os.PathLike, tokenizer, conversations: Sequenc
     answers = []
     try:
         for ids in encoded:
+            llm.reset()  # no reuse of the previous prompt's cache: each answer computed alone, like the reference
             produced: list[int] = []
             for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
                 if token in stop or len(produced) >= max_new_tokens:
