@@ -378,8 +378,11 @@ def merged_run(run: str | os.PathLike):
     return merged, loaded.tokenizer, loaded
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16", force: bool = False) -> Path:
-    """`agml export RUN --gguf OUT`: checks first, then merge and write."""
+def export_run(run: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16", force: bool = False,
+               tokenizer_pre: str | None = None) -> Path:
+    """`agml export RUN --gguf OUT`: checks first, then merge and write. tokenizer_pre: llama.cpp's pre-tokenizer
+    name; by default the one recorded in the GGUF the base came from (none for other bases: llama.cpp then warns
+    and uses its default GPT-2 split)."""
     if qtype not in EXPORT_TYPES:
         raise InputError(f"--type must be one of {', '.join(EXPORT_TYPES)}; got {qtype!r}")
     if qtype not in PACKAGE_TYPES:
@@ -390,7 +393,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16
     merged, tokenizer, loaded = merged_run(run)
     options = loaded.config["options"]
     return export_gguf(merged, tokenizer, out, qtype, force, name=f"agml {Path(run).name}",
-                       tokenizer_pre=source_tokenizer_pre(options["model"]))
+                       tokenizer_pre=tokenizer_pre or source_tokenizer_pre(options["model"]))
 
 
 # --- changed blocks --------------------------------------------------------------------------------------------
@@ -633,6 +636,9 @@ def add_export_parser(sub) -> None:
     p.add_argument("run", metavar="RUN", help="run folder written by agml unlearn")
     p.add_argument("--gguf", metavar="OUT", help="merged model GGUF file to write")
     p.add_argument("--type", default="f16", choices=EXPORT_TYPES, help="weight type of --gguf (default f16)")
+    p.add_argument("--tokenizer-pre", metavar="NAME",
+                   help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre, e.g. llama-bpe, qwen2, smollm); default: "
+                        "the one in the base's own GGUF, if it came from one")
     p.add_argument("--lora-gguf", metavar="OUT", help="LoRA adapter GGUF file to write")
     p.add_argument("--force", action="store_true", help="replace output files that exist")
     p.set_defaults(handler=export_handler)
@@ -651,7 +657,7 @@ def export_handler(args: argparse.Namespace) -> int:
                               name=f"agml {Path(args.run).name}")
         print(f"written {out} (LoRA adapter, {out.stat().st_size / 2**20:.1f} MiB)")
     if args.gguf:
-        out = export_run(args.run, args.gguf, args.type, args.force)
+        out = export_run(args.run, args.gguf, args.type, args.force, args.tokenizer_pre)
         print(f"written {out} ({args.type}, {out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -184,7 +184,8 @@ def test_export_command(tiny_run, tmp_path, capsys):
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
     assert main(["export", tiny_run, "--gguf", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["export", tiny_run, "--gguf", str(out), "--force"]) == 0
+    assert main(["export", tiny_run, "--gguf", str(out), "--force", "--tokenizer-pre", "qwen2"]) == 0
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "qwen2"
 
 
 def test_quantized_eval_command(tiny_run, tmp_path, capsys):
