@@ -7,6 +7,10 @@ q4_1). The k-quants people download (q4_k_m, q5_k_m) come from llama.cpp's own q
 probes run through transformers' GGUF loader (which dequantises the blocks, so the weights are exactly the
 quantised ones; only the runtime differs).
 
+A quantiser rounds every weight to its block's grid, and a small, sparse unlearning update can round away with it.
+`write_gguf_lora` writes the adapter alone as a llama.cpp LoRA GGUF: applied at run time on a quantised base, its
+update stays in float32 instead of being rounded into the base's blocks.
+
 Llama layout: llama.cpp applies rotary embeddings to interleaved pairs of each head's dimensions, transformers to
 its two halves, so the Q and K rows of each head are reordered on the way out (transformers undoes it on load).
 Qwen2 rotates halves in both, so its rows are written as they are.
@@ -29,7 +33,7 @@ import torch
 from agml.errors import AgmlError, InputError
 
 QUANT_BLOCK = 32  # weights per quantisation block (the sub-block of the k-quants)
-# Types the gguf package writes: name -> (tensor type of 2-D weights, GGUF file type).
+# Types the gguf package writes itself (2-D weights; 1-D ones stay f32).
 PACKAGE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 # Types llama.cpp's quantiser writes from an f32 file: name -> llama_ftype.
 LLAMA_CPP_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
