@@ -573,7 +573,7 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
         for qtype in qtypes:
             runtime = GgufRuntime(merged_files[qtype], tokenizer, backend)
             answers[qtype] = runtime.answers(conversations, max_new_tokens, batch_size)
-            if unmerged and qtype != "f16":  # f16 rounds within a block's own scale: nothing to separate
+            if unmerged and qtype != "f16":  # f16 has no blocks to round an update away; the row would only cost time
                 runtime = GgufRuntime(base_files[qtype], tokenizer, backend, adapter)
                 answers[f"{qtype}+adapter"] = runtime.answers(conversations, max_new_tokens, batch_size)
     unquantized = _rates(probes, reference)
