@@ -226,6 +226,9 @@ def _add_eval_parser(sub) -> None:
                    help="evaluate with a base model other than the one the run was trained on")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub (also taken from the run when it was trained so)")
+    from agml.export import add_quantize_argument
+
+    add_quantize_argument(p)
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -282,6 +285,10 @@ def _cmd_eval(args) -> int:
     from agml.reporting import format_summary
 
     config, probes, forget = _eval_inputs(args)
+    if args.quantize is not None:
+        from agml.export import quantized_eval_handler
+
+        return quantized_eval_handler(args, probes)
     loaded = runs.load_run(args.run, trust_remote_code=args.trust_remote_code,
                            allow_model_mismatch=args.allow_model_mismatch)
     preflight.check_context(loaded.model, loaded.tokenizer, probes, {"--max-new-tokens": args.max_new_tokens})
@@ -305,6 +312,15 @@ def _cmd_eval(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_eval_parser)
+
+
+def _add_export_parser(sub) -> None:
+    from agml.export import add_export_parser
+
+    add_export_parser(sub)
+
+
+_SUBCOMMANDS.append(_add_export_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
