@@ -116,8 +116,9 @@ class LoraOptions:
 class TrainOptions:
     """The unlearning loop (`agml.training.train_unlearning`)."""
 
-    objective: str = option("refusal", "refusal | forget-targets (refusal for questions, the base answer with the "
-                            "concept banned for recommendation requests) | npo | simnpo | rmu | gradient-difference")
+    objective: str = option("forget-targets", "forget-targets (a natural refusal for questions; for recommendation, "
+                            "list and similar requests the base answer with the concept banned) | refusal (a refusal "
+                            "for every prompt) | npo | simnpo | rmu | gradient-difference")
     steps: int = option(30, "optimizer steps")
     batch_size: int = option(4, "forget and retain prompts per training step")
     lr: float = option(2e-3, "learning rate (AdamW)")
