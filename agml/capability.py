@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agml import logprobs
-from agml.data import IGNORE_INDEX, Example, pad_token_id, prompt_ids
+from agml.data import IGNORE_INDEX, Example, pad_token_id, prompt_ids, read_jsonl
 from agml.errors import InputError
 
 DATASETS = Path(__file__).parent / "datasets"
@@ -64,18 +63,7 @@ class ChoiceItem:
 def load_choice_items(path: str | os.PathLike = MC_FILE) -> list[ChoiceItem]:
     """Read a multiple-choice JSONL file ({"question", "choices", "answer", "domain"} per line), validated."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"multiple-choice file not found: {path}")
-    items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg})") from err
-        items.append(_choice_item(obj, where))
+    items = [_choice_item(obj, where) for obj, where in read_jsonl(path, "multiple-choice")]
     if not items:
         raise InputError(f"multiple-choice file is empty: {path}")
     return items

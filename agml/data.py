@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,30 +141,37 @@ def parse_record(obj, where: str, default_type: str | None = None) -> PromptReco
     )
 
 
-def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> list[PromptRecord]:
-    """Read a prompt/probe JSONL file; errors name the file and line. Blank lines are skipped."""
+def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[object, str]]:
+    """(parsed object, "file:line") for every non-blank line of a JSON Lines file; errors name the file and line.
+
+    `what` names the file's role in errors ("prompt", "multiple-choice"). A UTF-8 BOM is accepted.
+    """
     path = Path(path)
     if not path.exists():
-        raise InputError(f"prompt file not found: {path}")
+        raise InputError(f"{what} file not found: {path}")
     if not path.is_file():
-        raise InputError(f"prompt path is not a file: {path}")
+        raise InputError(f"{what} path is not a file: {path}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read prompt file {path}: {err}") from err
-    records = []
+        raise InputError(f"cannot read {what} file {path}: {err}") from err
     # JSON Lines separates records by "\n" only; str.splitlines() would also split at U+2028, U+0085, ...
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            obj = json.loads(line)
+            yield json.loads(line), where
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: not valid JSON ({err.msg})") from err
         except (ValueError, RecursionError) as err:  # a 5,000-digit number; nesting deeper than Python's stack
             raise InputError(f"{where}: not valid JSON for agml ({type(err).__name__}: {str(err)[:120]})") from err
-        records.append(parse_record(obj, where, default_type))
+
+
+def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> list[PromptRecord]:
+    """Read a prompt/probe JSONL file; errors name the file and line. Blank lines are skipped."""
+    path = Path(path)
+    records = [parse_record(obj, where, default_type) for obj, where in read_jsonl(path, "prompt")]
     if not records:
         raise InputError(f"prompt file is empty: {path}")
     return records

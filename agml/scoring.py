@@ -317,18 +317,9 @@ def score_records(
     model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord], batch_size: int = 8,
     progress: bool = True,
 ) -> NeuronScores:
-    """Score answered forget/retain records (see `answer_records`)."""
-    if not forget:
-        raise InputError("the forget set is empty")
-    if not retain:
-        raise InputError("the retain set is empty")
-    pad = pad_token_id(tokenizer)
-    return score_neurons(
-        model,
-        _split_batches(tokenizer, forget, batch_size, pad),
-        _split_batches(tokenizer, retain, batch_size, pad),
-        progress=progress,
-    )
+    """Score answered forget/retain records (see `answer_records`) at their answer positions."""
+    return score_records_at(model, tokenizer, forget, retain, (), positions="answer", batch_size=batch_size,
+                            progress=progress)
 
 
 def _split_batches(tokenizer, records: Sequence[PromptRecord], batch_size: int, pad: int) -> Iterator[dict]:
