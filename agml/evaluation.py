@@ -25,11 +25,12 @@ answer every probe greedily through the chat template. The result follows the JS
   prefix and term, so the difference is the adapter's effect alone. Averaged over the cloze probes scored ("n").
 * `retain_kl`: KL(base || model) per token on the base model's own answers to the retain probes (teacher forcing),
   summed over the answer tokens (end-of-turn marker included) and divided by their number.
-* `fluency` over the answers to the RETAIN probes (forget answers have `forget_coherence`): `repetition_rate` = share of word 3-grams that repeat an earlier 3-gram of
-  the same answer (pooled over answers); `distinct_2` = distinct word bigrams / all word bigrams over all answers;
-  `perplexity` = the BASE model's perplexity of the answers (adapter disabled, teacher forcing, end-of-turn marker
-  included), so gibberish and loops score badly; `answer_length` = mean number of words. Words are `\\w+` runs,
-  lowercased.
+* `fluency` over the answers to the RETAIN probes (forget answers have `forget_coherence`): `repetition_rate` =
+  share of word 3-grams that repeat an earlier 3-gram of the same answer (pooled over answers); `distinct_2` =
+  distinct word bigrams / all word bigrams over all answers; `perplexity` = the BASE model's perplexity of the
+  answers (adapter disabled, teacher forcing, end-of-turn marker included), so gibberish and loops score badly
+  (and a canned refusal, which scores well, only counts where it is damage); `answer_length` = mean number of
+  words. Words are `\\w+` runs, lowercased.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 from agml.io import atomic_write_text
@@ -156,10 +155,6 @@ def _stats_rate(rate: dict | None) -> str:
     if not rate or rate.get("rate") is None:
         return "-"
     return f"{_with_interval(rate['rate'], (rate['low'], rate['high']))} ({rate['successes']}/{rate['n']})"
-
-
-def _row(label: str, before, after, fmt: Callable[[float | None], str] = _number) -> str:
-    return _text_row(label, fmt(before), fmt(after))
 
 
 def _text_row(label: str, before: str, after: str) -> str:

@@ -35,7 +35,8 @@ def record(**fields) -> PromptRecord:
 
 
 PROBES = [
-    record(prompt="Which film is about a dream heist?", type="forget", category="direct", forbidden=["inception", "nolan"]),
+    record(prompt="Which film is about a dream heist?", type="forget", category="direct",
+           forbidden=["inception", "nolan"]),
     record(prompt="Complete: the dream heist film is called", type="forget", category="cloze", forbidden=["inception"]),
     record(prompt="Who directed Memento?", type="retain", category="neighbour", required=["nolan"]),
     record(
