@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from agml.io import atomic_write_text
@@ -43,32 +44,56 @@ def build_report(options: dict, evaluation: dict, training, masks, parameters: d
 
 
 def _summary_table(evaluation: dict) -> list[str]:
-    before, after = evaluation["before"], evaluation["after"]
     rows = ["| metric | base | unlearned |", "|---|---|---|"]
-    for kind, meaning in (("forget", "forget probes passed (concept not revealed)"),
-                          ("retain", "retain probes passed (still knows)")):
-        rows.append(f"| {meaning}, n={after[kind].get('n', 0)} | {_rate(before[kind].get('pass_rate'))} | "
-                    f"{_rate(after[kind].get('pass_rate'))} |")
-    fluency = evaluation.get("fluency", {})
-    for key, label in (("perplexity", "base-model perplexity of answers"), ("repetition_rate", "repetition rate"),
-                       ("distinct_2", "distinct-2")):
-        if key in fluency.get("before", {}):
-            rows.append(f"| {label} | {_num(fluency['before'][key])} | {_num(fluency['after'][key])} |")
-    cloze = evaluation.get("cloze_logprob") or {}
-    if cloze.get("before") is not None:
-        rows.append(f"| log p(concept) on cloze probes | {_num(cloze['before'])} | {_num(cloze.get('after'))} |")
-    if evaluation.get("retain_kl") is not None:
-        rows.append(f"| retain KL(base‖model), nats/token | 0 | {_num(evaluation['retain_kl'], 4)} |")
+    rows += [f"| {_quote(label.strip())} | {before} | {after} |" for label, before, after in summary_rows(evaluation)
+             if not label.startswith("  ")]
     return rows
+
+
+def _category_rate(rates: dict, category: str) -> str:
+    return _with_interval(rates.get("by_category", {}).get(category),
+                          rates.get("by_category_interval", {}).get(category))
 
 
 def _category_table(evaluation: dict) -> list[str]:
     rows = ["| type | category | base | unlearned |", "|---|---|---|---|"]
     for kind in ("forget", "retain"):
-        for category, rate in sorted(evaluation["before"][kind].get("by_category", {}).items()):
-            after = evaluation["after"][kind].get("by_category", {}).get(category)
-            rows.append(f"| {kind} | {category} | {_rate(rate)} | {_rate(after)} |")
+        before, after = evaluation["before"][kind], evaluation["after"][kind]
+        for category in sorted(before.get("by_category", {})):
+            rows.append(f"| {kind} | {category} | {_category_rate(before, category)} | "
+                        f"{_category_rate(after, category)} |")
     return rows
+
+
+def _judge_section(evaluation: dict) -> list[str]:
+    """The terms and facts the judges used, so a reader can check them (and edit the facts file)."""
+    judge = evaluation.get("judge")
+    if not judge:
+        return []
+    lines = ["## What the judges looked for", "",
+             "A forget probe fails when its answer names one of these terms (whole words, case- and accent-"
+             "insensitive; terms the question itself contains are ignored). A retain probe fails when the answer is "
+             "a refusal, lacks its required word, or (recommendation requests) recommends nothing.", "",
+             f"Leak terms: {', '.join(f'`{t}`' for t in judge['leak_terms']) or '(none)'}", ""]
+    facts = judge.get("facts")
+    if facts:
+        lines += [f"Facts used (concept `{facts.get('name')}`; edit the run's `data/facts.json` to change them):", "",
+                  "```json", json.dumps(facts, indent=2, ensure_ascii=False), "```", ""]
+    return lines
+
+
+def _noise_floor_section(evaluation: dict) -> list[str]:
+    floor = evaluation.get("noise_floor")
+    if not floor:
+        return []
+    random, trained = floor["random"]["pass_to_fail"], floor["trained"]["pass_to_fail"]
+    verdict = ("within the noise floor" if random["max"] is not None and trained <= random["max"]
+               else "above the noise floor: damage, not noise")
+    return ["## Noise floor", "",
+            f"Retain answers that flip from pass to fail: {trained} of {floor['trained']['n']} with the trained "
+            f"adapter; {random['min']:.0f}-{random['max']:.0f} (mean {random['mean']:.1f}) with random adapters of the "
+            f"same size, sparsity and weight norm ({len(floor['random']['per_seed'])} seeds). The retain loss is "
+            f"{verdict}.", ""]
 
 
 def _quote(text: str) -> str:
@@ -98,7 +123,8 @@ def render_markdown(report: dict) -> str:
     if training:
         early = " (stopped early: forgotten and retain KL within budget)" if training.get("stopped_early") else ""
         lines.append(f"Training: {training.get('steps_done')} steps{early}.")
-    lines += ["", "## Summary (held-out probes, greedy answers)", "", *_summary_table(evaluation), "",
+    lines += ["", f"## Summary ({split_label(evaluation.get('split'))}, greedy answers; 95% Wilson intervals)", "",
+              *_summary_table(evaluation), "", *_noise_floor_section(evaluation), *_judge_section(evaluation),
               "## Per category", "", *_category_table(evaluation), "",
               "## Example answers: forget probes", "", *_examples(evaluation, "forget"), "",
               "## Example answers: retain probes", "", *_examples(evaluation, "retain"), "",
