@@ -59,7 +59,7 @@ from agml.noise_floor import flip_counts, noise_floor
 from agml.stats import rate_of, wilson_interval
 
 CLOZE_CATEGORY = "cloze"
-SPLITS = ("test", "dev", "custom")
+SPLITS = ("test", "dev", "template", "custom")
 _WORD = re.compile(r"\w+")
 
 
@@ -382,7 +382,8 @@ def evaluate(
 ) -> dict:
     """Answer every probe before (adapter disabled) and after, score them; see the module docstring.
 
-    `split` labels the probes ("test", "dev" or "custom"); `cache` reads and stores the base model's outputs under
+    `split` labels the probes ("test": frozen test split, "dev", "template": generated from the concept's name, or
+    "custom"); `cache` reads and stores the base model's outputs under
     `$AGML_CACHE/answers/` (agml.answer_cache); samples=0 and noise_floor_seeds=0 skip those parts.
     """
     _check_arguments(probes, max_new_tokens, batch_size)

@@ -156,7 +156,7 @@ def write_report(run: Path, options: dict, evaluation: dict, training, masks, pa
 LABEL_WIDTH = 40
 VALUE_WIDTH = 28
 SPLIT_LABELS = {"test": "frozen TEST split", "dev": "DEV split (used to choose settings)",
-                "custom": "custom probes"}
+                "template": "probes generated from templates", "custom": "custom probes"}
 
 
 def _percent(value: float | None) -> str:
