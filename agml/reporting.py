@@ -281,8 +281,23 @@ def format_summary(result: dict) -> str:
              _text_row("", "before", "after")]
     lines += [_text_row(*row) for row in summary_rows(result)]
     lines += judge_lines(result)
+    if result.get("lm_eval"):
+        lines.append(format_lm_eval(result["lm_eval"]))
     if "relearn" in result:
         lines.append(format_relearn(result["relearn"]))
+    return "\n".join(lines)
+
+
+def format_lm_eval(lm_eval: dict) -> str:
+    """lm-eval metrics per task, base (adapter off) vs unlearned (adapter on)."""
+    limit = "" if lm_eval.get("limit") is None else f", limit {lm_eval['limit']}"
+    lines = [f"lm-eval ({', '.join(lm_eval['tasks'])}{limit})",
+             _text_row("", "before", "after")]
+    for task in sorted(set(lm_eval["before"]) | set(lm_eval["after"])):
+        metrics = sorted(set(lm_eval["before"].get(task, {})) | set(lm_eval["after"].get(task, {})))
+        for metric in metrics:
+            lines.append(_text_row(f"  {task} {metric}", _number(lm_eval["before"].get(task, {}).get(metric)),
+                                   _number(lm_eval["after"].get(task, {}).get(metric))))
     return "\n".join(lines)
 
 

@@ -52,3 +52,14 @@ def test_relearn_table_shows_leak_intervals_and_recovery():
     text = format_relearn(relearn)
     assert "relearning attack (full): 5 steps on 8 examples" in text
     assert "10.0% [1.8, 40.4] (1/10)" in text and "recovery" in text and "0.25" in text
+
+
+def test_lm_eval_rows_show_both_sides_per_task_and_metric():
+    from agml.reporting import format_lm_eval
+
+    text = format_lm_eval({"tasks": ["agml_general_knowledge"], "limit": 20,
+                           "before": {"agml_general_knowledge": {"acc": 0.5, "acc_norm": 0.6}},
+                           "after": {"agml_general_knowledge": {"acc": 0.4}}})
+    assert "lm-eval (agml_general_knowledge, limit 20)" in text
+    acc_norm = next(line for line in text.splitlines() if "acc_norm" in line)
+    assert acc_norm.split()[-2:] == ["0.6", "-"]
