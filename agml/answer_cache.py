@@ -23,6 +23,8 @@ from agml.models import cache_dir, model_id
 
 SAMPLED_VALUES = 4096  # weights hashed per sampled tensor
 SAMPLED_TENSORS = 2    # tensors hashed from each end of the parameter list
+# Config fields that training or loading may change without changing what the model computes.
+VOLATILE_CONFIG_KEYS = ("use_cache", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
 
 
 def answer_cache_dir() -> Path:
@@ -46,7 +48,8 @@ def model_fingerprint(model, tokenizer) -> str:
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update(model_id(model).encode())
-    h.update((config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else "").encode())
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    h.update(digest({k: v for k, v in settings.items() if k not in VOLATILE_CONFIG_KEYS}).encode())
     h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(str(len(tokenizer)).encode())
@@ -54,7 +57,7 @@ def model_fingerprint(model, tokenizer) -> str:
     for name, param in params[:SAMPLED_TENSORS] + params[-SAMPLED_TENSORS:]:
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // SAMPLED_VALUES)
-        h.update(_base_name(name).encode() + str(tuple(param.shape)).encode())
+        h.update(f"{_base_name(name)} {tuple(param.shape)} {param.dtype}".encode())
         h.update(flat[::step][:SAMPLED_VALUES].float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
 

@@ -459,3 +459,11 @@ def test_best_of_n_and_noise_floor_when_asked(smol_tokenizer):
 def test_evaluate_rejects_an_unknown_split(smol_tokenizer, random_adapter):
     with pytest.raises(InputError, match="split"):
         evaluate(random_adapter, smol_tokenizer, PROBES, split="holdout", progress=False)
+
+
+def test_the_fingerprint_ignores_use_cache_but_not_the_dtype(smol_tokenizer):
+    model = peft_tiny(randomise=False, seed=2)
+    first = answer_cache.model_fingerprint(model, smol_tokenizer)
+    model.config.use_cache = not model.config.use_cache  # training turns it off; the answers do not change
+    assert answer_cache.model_fingerprint(model, smol_tokenizer) == first
+    assert answer_cache.model_fingerprint(model.to(torch.bfloat16), smol_tokenizer) != first
