@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-kernels bench demo lint clean
+.PHONY: install gguf test test-kernels bench demo lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# llama.cpp for `agml export --type q4_k_m` and `agml eval --quantize`: pip builds it from source (cmake and a C++
+# compiler; several minutes on a CPU). CPU build without OpenMP or the multimodal library; pass CMAKE_ARGS to change.
+GGUF_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+gguf: $(STAMP)
+	CMAKE_ARGS="$(GGUF_CMAKE_ARGS)" $(PY) -m pip install -e '.[gguf]'
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check agml agml_kernels tests benchmarks

@@ -91,16 +91,16 @@ def _add_unlearn_parser(sub) -> None:
 def _unlearn_options(args):
     from pathlib import Path
 
-    from agml import runs
     from agml.options import build_options
+    from agml.resume import resumable_options
 
-    if args.resume:
-        return runs.resumable_options(args.resume)
     settings = _settings_from_args(args, _unlearn_settings())
     if args.legacy_retain_weight is not None:
         print("agml unlearn: note: --retain-weight is now --kl-weight (the training KL weight); the mask contrast "
               "weight is --mask-retain-weight", file=sys.stderr)
         settings.setdefault("kl_weight", args.legacy_retain_weight)
+    if args.resume:  # the saved settings; any given here must agree with them
+        return resumable_options(args.resume, settings, force=args.force)
     if settings.get("out") is None:
         settings["out"] = str(Path("runs") / _slug(settings.get("concept") or "inception"))
     return build_options(settings)
@@ -111,10 +111,18 @@ def _slug(name: str) -> str:
 
 
 def _cmd_unlearn(args) -> int:
-    from agml import distributed
+    from agml import distributed, ownership, preflight, run_lock
     from agml.pipeline import run_unlearn
 
-    run = run_unlearn(_unlearn_options(args), force=args.force, resume=bool(args.resume))
+    options = _unlearn_options(args)
+    resume = bool(args.resume)
+    if not resume:
+        preflight.check_out_path(options.out)
+    # One writer per run; a start that fails before training leaves nothing behind (see docs/reliability.md).
+    with run_lock.exclusive_run(options.out, distributed.is_main()), \
+            ownership.discard_failed_start(options.out, resume, distributed.is_main()):
+        preflight.check_unlearn(options, force=args.force, resume=resume)
+        run = run_unlearn(options, force=args.force, resume=resume)
     if distributed.is_main():
         print(f"run written to {run}; report: {run / 'report.md'}")
     return 0
@@ -182,9 +190,14 @@ def _score_options(args):
 
 
 def _cmd_score(args) -> int:
+    from agml import distributed, preflight, run_lock
     from agml.pipeline import run_score
 
-    run_score(_score_options(args), force=args.force)
+    options = _score_options(args)
+    preflight.check_out_path(options.out)
+    with run_lock.exclusive_run(options.out, distributed.is_main()):
+        preflight.check_model_files(options.model)
+        run_score(options, force=args.force)
     return 0
 
 
@@ -208,6 +221,14 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--relearn-examples", type=int, default=DEFAULT_EXAMPLES,
                    help="how many forget answers the relearning attack trains on")
     p.add_argument("--seed", type=int, default=0, help="seed of the relearning attack")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="evaluate with a base model other than the one the run was trained on")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the hub (also taken from the run when it was trained so)")
+    from agml.export import add_quantize_argument
+
+    add_quantize_argument(p)
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -215,10 +236,12 @@ def _eval_inputs(args):
     """Validate options, the run folder and the probes before loading any model: (config, probes, forget)."""
     from pathlib import Path
 
-    from agml import runs
+    from agml import preflight, runs
     from agml.data import load_prompts
     from agml.errors import InputError
+    from agml.probe_defaults import with_default_forbidden
     from agml.relearn import attack_slice
+    from agml.resume import check_config
 
     checks = {"--max-new-tokens": args.max_new_tokens, "--batch-size": args.batch_size}
     if args.relearn is not None:
@@ -234,13 +257,12 @@ def _eval_inputs(args):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
     if args.json is not None:
-        target = Path(args.json)
-        if target.is_dir():
-            raise InputError(f"--json {target} is a folder; give a file name")
-        if not target.parent.is_dir():
-            raise InputError(f"--json {target}: folder {target.parent} does not exist")
+        preflight.check_json_target(args.json, args.run, args.force)
     config = runs.read_config(args.run)
+    check_config(config, Path(args.run) / runs.CONFIG_FILE)
     probes = load_prompts(args.probes) if args.probes else runs.load_records(Path(args.run), "probes")
+    if probes:
+        probes = with_default_forbidden(probes, _eval_concept_terms(config), print)
     if not probes:
         raise InputError(f"{args.run} holds no probes ({runs.DATA_DIR}/probes.jsonl); pass --probes")
     forget = []
@@ -258,12 +280,18 @@ def _eval_concept_terms(config: dict) -> tuple[str, ...]:
 
 
 def _cmd_eval(args) -> int:
-    from agml import distributed, runs
+    from agml import distributed, preflight, runs
     from agml.evaluation import evaluate
     from agml.reporting import format_summary
 
     config, probes, forget = _eval_inputs(args)
-    loaded = runs.load_run(args.run)
+    if args.quantize is not None:
+        from agml.export import quantized_eval_handler
+
+        return quantized_eval_handler(args, probes)
+    loaded = runs.load_run(args.run, trust_remote_code=args.trust_remote_code,
+                           allow_model_mismatch=args.allow_model_mismatch)
+    preflight.check_context(loaded.model, loaded.tokenizer, probes, {"--max-new-tokens": args.max_new_tokens})
     result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, concept_terms=_eval_concept_terms(config))
     if args.relearn is not None:
@@ -284,6 +312,15 @@ def _cmd_eval(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_eval_parser)
+
+
+def _add_export_parser(sub) -> None:
+    from agml.export import add_export_parser
+
+    add_export_parser(sub)
+
+
+_SUBCOMMANDS.append(_add_export_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,7 +149,7 @@ def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> li
     if not path.is_file():
         raise InputError(f"prompt path is not a file: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read prompt file {path}: {err}") from err
     records = []
@@ -162,6 +162,8 @@ def load_prompts(path: str | os.PathLike, default_type: str | None = None) -> li
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: not valid JSON ({err.msg})") from err
+        except (ValueError, RecursionError) as err:  # a 5,000-digit number; nesting deeper than Python's stack
+            raise InputError(f"{where}: not valid JSON for agml ({type(err).__name__}: {str(err)[:120]})") from err
         records.append(parse_record(obj, where, default_type))
     if not records:
         raise InputError(f"prompt file is empty: {path}")

@@ -20,14 +20,17 @@ def greedy_answers(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     desc: str | None = None,
+    logits_processor=None,
 ) -> list[str]:
     """Greedy answers to each conversation, left-padded batches, special tokens stripped.
 
+    `logits_processor`: an optional `transformers.LogitsProcessorList` applied at every step (e.g. banned terms).
     Under several processes each answers its shard and every process gets all answers, in input order. Shards are
     padded to equal length and generation is synchronised (`synced_gpus`): a sharded (FSDP) model makes every
     forward a collective, so all processes must run the same batches for the same number of steps.
     """
-    answers = _generate(model, tokenizer, conversations, max_new_tokens, batch_size, desc, 1, do_sample=False)
+    answers = _generate(model, tokenizer, conversations, max_new_tokens, batch_size, desc, 1, do_sample=False,
+                        logits_processor=logits_processor)
     return [samples[0] for samples in answers]
 
 

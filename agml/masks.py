@@ -145,6 +145,7 @@ def build_masks(
     max_per_layer: int | None = None,
     retain_weight: float = 1.0,
     outlier_quantile: float | None = 0.999,
+    per_layer_standardize: bool = False,
 ) -> NeuronMasks:
     """Select the concept's neurons from `agml.scoring.NeuronScores`.
 
@@ -169,7 +170,10 @@ def build_masks(
     eligible neurons anywhere; "per-layer" splits k evenly over the allowed layers (earlier layers get the
     remainder) and takes the best of each layer. `layers` restricts selection to those decoder layers,
     `max_per_layer` caps every layer. Ties break deterministically: contrast descending, then (layer, neuron)
-    ascending.
+    ascending. `layer_range` turns "8-20" into such a list.
+
+    `per_layer_standardize`: rank by the contrast z-scored within each layer (`standardized_by_layer`) instead of
+    the contrast itself, so a layer shifted as a whole cannot take the budget; eligibility stays "c > 0".
     """
     from agml.scoring import SCORE_KINDS
 
@@ -200,8 +204,9 @@ def build_masks(
         eligible &= retain <= torch.quantile(retain.flatten().double(), outlier_quantile).float()
 
     budget = max(1, round(float(density) * num_layers * width))
-    # Stable sort of -specificity over the flattened (layer, neuron) order: ties keep (layer, neuron) ascending.
-    flat = torch.where(eligible, specificity, torch.tensor(float("-inf"))).flatten()
+    # Stable sort of -ranking over the flattened (layer, neuron) order: ties keep (layer, neuron) ascending.
+    ranking = standardized_by_layer(specificity) if per_layer_standardize else specificity
+    flat = torch.where(eligible, ranking, torch.tensor(float("-inf"))).flatten()
     order = torch.sort(-flat, stable=True).indices[: int(eligible.sum())]
     if strategy == "global":
         quota = {layer: budget for layer in allowed}
@@ -235,5 +240,54 @@ def build_masks(
         "outlier_quantile": outlier_quantile,
         "budget": budget,
         "selected": taken,
+        **({"per_layer_standardize": True} if per_layer_standardize else {}),
     }
     return NeuronMasks({layer: sorted(ids) for layer, ids in chosen.items()}, meta=meta)
+
+
+# --- mask options and controls (issue 15): layer ranges, per-layer standardisation, random masks, overlap --------
+
+
+def standardized_by_layer(contrast: torch.Tensor) -> torch.Tensor:
+    """Each layer's row z-scored over its finite entries (a constant layer becomes 0)."""
+    finite = torch.isfinite(contrast)
+    values = torch.where(finite, contrast, torch.zeros_like(contrast))
+    count = finite.sum(1, keepdim=True).clamp_min(1)
+    mean = values.sum(1, keepdim=True) / count
+    spread = (torch.where(finite, contrast - mean, torch.zeros_like(contrast)) ** 2).sum(1, keepdim=True) / count
+    return torch.where(finite, (contrast - mean) / spread.sqrt().clamp_min(1e-12), contrast)
+
+
+def layer_range(spec: str, num_layers: int) -> list[int]:
+    """Decoder layers named by "A-B" (inclusive), "A-" (to the last), "-B" or a single "A"; for build_masks."""
+    text = spec.strip() if isinstance(spec, str) else ""
+    first, dash, last = text.partition("-")
+    try:
+        if not text or text == "-":
+            raise ValueError
+        low = int(first) if first.strip() else 0
+        high = (int(last) if last.strip() else num_layers - 1) if dash else low
+    except ValueError:
+        raise InputError(f"layer range must look like '8-20', '8-', '-20' or '8', got {spec!r}") from None
+    if not 0 <= low <= high < num_layers:
+        raise InputError(f"layer range {spec!r} must lie within 0..{num_layers - 1} with start <= end")
+    return list(range(low, high + 1))
+
+
+def random_masks_like(masks: NeuronMasks, intermediate_size: int, seed: int) -> NeuronMasks:
+    """A random mask with the same number of neurons in each layer (the control for activation-guided masks)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {layer: torch.randperm(intermediate_size, generator=generator)[: ids.numel()].sort().values
+              for layer, ids in masks.items()}
+    return NeuronMasks(layers, meta={**{k: v for k, v in masks.meta.items()
+                                        if k in ("num_layers", "intermediate_size", "model")},
+                                     "random_seed": seed})
+
+
+def mask_jaccard(first: Mapping[int, torch.Tensor], second: Mapping[int, torch.Tensor]) -> float:
+    """|A & B| / |A | B| over (layer, neuron) pairs; 1.0 for two empty masks."""
+    def pairs(masks):
+        return {(layer, n) for layer, ids in masks.items() for n in torch.as_tensor(ids).tolist()}
+
+    a, b = pairs(first), pairs(second)
+    return len(a & b) / len(a | b) if a | b else 1.0

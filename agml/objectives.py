@@ -235,3 +235,122 @@ def make_objective(name: str, **params) -> Objective:
             f"objective {name!r} has no parameter(s) {sorted(unknown)}; it accepts {list(objective_parameters(name))}"
         )
     return cls(**params)
+
+
+# --- targets by prompt kind, SimNPO and the representation term on the selected neurons (agml.representation) ------
+
+
+@dataclass
+class RepresentationObjective(Objective):
+    """Base of the objectives that can add the RMU-style term of `agml.representation` (off when rmu_weight = 0).
+
+    loss = forget_term + rmu_weight * rmu_forget + retain_weight * retain_kl + rmu_retain_weight * rmu_retain
+    (the two rmu terms only when rmu_weight > 0). `concept_token_ids` (lists of token ids of the concept's name
+    variants, `agml.entities.entity_token_ids`) locate the "entity" positions; `rmu_positions` picks "answer",
+    "entity" or "entity+answer"; `rmu_coefficient` is the target length in units of the activations' typical norm.
+    """
+
+    rmu_weight: float = 0.0
+    rmu_retain_weight: float = 1.0
+    rmu_coefficient: float = 4.0
+    rmu_positions: str = "entity"
+    concept_token_ids: list = dataclasses.field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from agml.representation import POSITIONS
+
+        super().__post_init__()
+        for name in ("rmu_weight", "rmu_retain_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rmu_coefficient <= 0:
+            raise InputError(f"rmu_coefficient must be > 0, got {self.rmu_coefficient}")
+        if self.rmu_positions not in POSITIONS:
+            raise InputError(f"rmu_positions must be one of {list(POSITIONS)}, got {self.rmu_positions!r}")
+        ok = isinstance(self.concept_token_ids, (list, tuple)) and all(
+            isinstance(ids, (list, tuple)) and ids and all(isinstance(i, int) for i in ids)
+            for ids in self.concept_token_ids)
+        if not ok:
+            raise InputError("concept_token_ids must be a list of non-empty lists of token ids")
+
+    def __call__(self, model: torch.nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
+        from agml.representation import random_directions, rmu_forget_loss, rmu_retain_terms, selected_neurons
+
+        _require_adapter(model)
+        forget_loss = self.forget_term(model, batch)
+        if self.rmu_weight == 0:
+            kl, _ = retain_kl(model, batch.retain)
+            return {"loss": forget_loss + self.retain_weight * kl, "forget_loss": forget_loss, "retain_kl": kl}
+        neurons = selected_neurons(model)
+        rmu_forget = rmu_forget_loss(model, batch.forget, neurons, random_directions(neurons, self.seed),
+                                     self.rmu_coefficient, self.rmu_positions, self.concept_token_ids)
+        kl, rmu_retain, _ = rmu_retain_terms(model, batch.retain, neurons)
+        forget_loss = forget_loss + self.rmu_weight * rmu_forget
+        loss = forget_loss + self.retain_weight * kl + self.rmu_retain_weight * rmu_retain
+        return {"loss": loss, "forget_loss": forget_loss, "retain_kl": kl, "rmu_forget": rmu_forget,
+                "rmu_retain": rmu_retain}
+
+
+@dataclass
+class ForgetTargets(RepresentationObjective):
+    """Supervised NLL toward each record's target from `agml.targets.forget_targets` (a refusal for questions,
+    the base model's answer with the concept banned for recommendation/list/similar prompts); a record without
+    a target (not a `TargetRecord`) gets `refusal_for(record, seed)`."""
+
+    name: ClassVar[str] = "forget-targets"
+
+    def forget_answer(self, record: PromptRecord) -> str:
+        target = getattr(record, "target", None)
+        return target if isinstance(target, str) and target.strip() else refusal_for(record, self.seed)
+
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        return -answer_logits(model, batch.forget).token_logprobs().mean()
+
+
+@dataclass
+class SimNPO(RepresentationObjective):
+    """SimNPO on the base answers: -(2/simnpo_beta) mean logsigmoid(-(simnpo_beta/|y|) log p(y) - simnpo_gamma).
+
+    Reference-free (no base forward); the length normalisation keeps long answers from dominating. Its own
+    parameter names keep TrainConfig's NPO `beta` (0.1, far too small here) from being passed to it.
+    """
+
+    simnpo_beta: float = 2.5
+    simnpo_gamma: float = 0.0
+
+    name: ClassVar[str] = "simnpo"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.simnpo_beta <= 0:
+            raise InputError(f"simnpo_beta must be > 0, got {self.simnpo_beta}")
+
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        from agml.representation import simnpo_loss
+
+        out = answer_logits(model, batch.forget)
+        lengths = out.per_sequence_sum(torch.ones_like(out.targets, dtype=torch.float32))
+        return simnpo_loss(out.per_sequence_sum(out.token_logprobs()), lengths, self.simnpo_beta, self.simnpo_gamma)
+
+
+@dataclass
+class RMU(RepresentationObjective):
+    """The RMU-style term alone on the base answers (forget_loss = rmu_forget), plus KL and the activation retain
+    term. Defaults act at the concept's name tokens and the answer tokens."""
+
+    rmu_weight: float = 1.0
+    rmu_positions: str = "entity+answer"
+
+    name: ClassVar[str] = "rmu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rmu_weight <= 0:
+            raise InputError(f"the rmu objective needs rmu_weight > 0, got {self.rmu_weight}")
+
+    def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
+        return torch.zeros((), device=next(model.parameters()).device)
+
+
+OBJECTIVES.update({cls.name: cls for cls in (ForgetTargets, SimNPO, RMU)})

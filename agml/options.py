@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ METHODS = ("ag-masked-lora", "lora")
 STRATEGIES = ("global", "per-layer")
 SCORES = ("fisher", "saliency", "combined")
 DTYPES = ("float32", "bfloat16", "float16")
+SCORE_POSITIONS = ("answer", "entity", "entity+answer")
+PROBE_SPLITS = ("test", "dev")
 # A flat key of older config files and the setting it meant: `retain_weight` was the training KL weight.
 LEGACY_KEYS = {"retain_weight": "kl_weight"}
 # Keys older config files carry that are no setting any more.
@@ -74,12 +77,25 @@ class MaskOptions:
     score: str = option("combined", "neuron importance statistic", choices=SCORES)
     mask_retain_weight: float = option(
         1.0, "weight of retain importance in the contrast c = forget - w * retain that selects neurons")
+    score_positions: str = option(
+        "answer", "where neuron statistics are read: answer tokens, the concept's name tokens, or both",
+        choices=SCORE_POSITIONS)
+    mask_layers: str | None = option(None, "restrict selection to a decoder-layer range, e.g. 8-20 (default: all)")
+    per_layer_standardize: bool = option(
+        False, "rank neurons by their contrast z-scored within each layer (a layer shifted as a whole cannot win)")
+    score_batch_size: int = option(16, "prompts per forward/backward of the scoring pass (scores do not depend on it)")
 
     def __post_init__(self) -> None:
         _float("density", self.density, 0.0, 1.0, low_open=True)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("score", self.score, SCORES)
         _float("mask_retain_weight", self.mask_retain_weight, 0.0)
+        _choice("score_positions", self.score_positions, SCORE_POSITIONS)
+        _int("score_batch_size", self.score_batch_size, 1)
+        if self.mask_layers is not None and not re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", str(self.mask_layers)):
+            _refuse("mask_layers", "be a range FIRST-LAST such as 8-20", self.mask_layers)
+        if not isinstance(self.per_layer_standardize, bool):
+            _refuse("per_layer_standardize", "be true or false", self.per_layer_standardize)
 
 
 @dataclass
@@ -100,9 +116,10 @@ class LoraOptions:
 class TrainOptions:
     """The unlearning loop (`agml.training.train_unlearning`)."""
 
-    objective: str = option("refusal", "npo | refusal | gradient-difference")
+    objective: str = option("refusal", "refusal | forget-targets (refusal for questions, the base answer with the "
+                            "concept banned for recommendation requests) | npo | simnpo | rmu | gradient-difference")
     steps: int = option(30, "optimizer steps")
-    batch_size: int = option(4, "prompts per step (also the scoring batch)")
+    batch_size: int = option(4, "forget and retain prompts per training step")
     lr: float = option(2e-3, "learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
@@ -117,6 +134,8 @@ class TrainOptions:
     max_new_tokens_val: int = option(32, "answer length of the validation prompts")
     forget_pass_target: float = option(1.0, "share of validation forget prompts that must pass, in (0, 1]")
     val_logprob_drop: float = option(1.0, "nats/token drop that counts as forgotten (prompts without forbidden)")
+    rmu_weight: float = option(
+        0.0, "weight of the representation term on the masked neurons (objectives forget-targets, simnpo, rmu)")
     objective_params: dict = option({}, "extra objective parameters, e.g. {\"nll_bound\": 5.0}", cli=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +147,7 @@ class TrainOptions:
         _float("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
         _float("weight_decay", self.weight_decay, 0.0)
         _float("kl_weight", self.kl_weight, 0.0)
+        _float("rmu_weight", self.rmu_weight, 0.0)
         _float("kl_budget", self.kl_budget, 0.0)
         _float("val_logprob_drop", self.val_logprob_drop, 0.0)
         _float("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
@@ -136,7 +156,11 @@ class TrainOptions:
             raise InputError(f"option early_stop must be true or false, got {self.early_stop!r}")
         if not isinstance(self.objective_params, dict):
             raise InputError(f"option objective_params must be a dict, got {self.objective_params!r}")
-        self.make_objective()  # unknown objective or parameter names fail here, before any work
+        from agml.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective: unknown objective {self.objective!r}; choose one of {sorted(OBJECTIVES)}")
+        self.make_objective()  # unknown objective parameter names fail here, before any work
 
     def make_objective(self):
         """The configured objective, given the shared options it accepts (its retain weight, beta, seed)."""
@@ -144,6 +168,11 @@ class TrainOptions:
 
         accepted = objective_parameters(self.objective)
         shared = {"retain_weight": self.kl_weight, "beta": self.beta, "seed": self.seed}
+        if self.rmu_weight > 0:  # 0 keeps the objective's own default (off, or 1 for `rmu` itself)
+            if "rmu_weight" not in accepted:
+                raise InputError(f"--rmu-weight needs an objective with a representation term "
+                                 f"(forget-targets, simnpo, rmu), not {self.objective!r}")
+            shared["rmu_weight"] = self.rmu_weight
         params = {k: v for k, v in shared.items() if k in accepted}
         return make_objective(self.objective, **params, **self.objective_params)
 
@@ -154,10 +183,20 @@ class EvalOptions:
 
     max_new_tokens: int = option(64, "probe answer length")
     eval_batch_size: int = option(16, "probes answered per batch")
+    samples: int = option(0, "best-of-N sampled answers per forget probe (temperature 0.7, seeded): a probe leaks "
+                             "if any sample leaks; 0 = greedy only")
+    noise_floor_seeds: int = option(
+        0, "random adapters (same size, sparsity and norm) whose retain flips give the noise floor; 0 = skip")
+    skip_capability: bool = option(
+        False, "skip the general-knowledge (multiple choice) and neutral-text perplexity scores")
 
     def __post_init__(self) -> None:
         _int("max_new_tokens", self.max_new_tokens, 1)
         _int("eval_batch_size", self.eval_batch_size, 1)
+        _int("samples", self.samples, 0)
+        _int("noise_floor_seeds", self.noise_floor_seeds, 0)
+        if not isinstance(self.skip_capability, bool):
+            _refuse("skip_capability", "be true or false", self.skip_capability)
 
 
 @dataclass
@@ -170,12 +209,24 @@ class UnlearnOptions:
     model: str = option("smollm2-135m-instruct", "built-in alias, local folder, .gguf file or hub id")
     dtype: str | None = option(None, "model dtype (default: checkpoint's)", choices=DTYPES)
     trust_remote_code: bool = option(False, "allow model code from the hub (off by default)")
+    allow_model_mismatch: bool = option(
+        False, "use --masks scored on another model, or --resume a run on another base model (warns instead of "
+               "refusing)")
     forget: str | None = option(None, "forget prompts (JSONL); overrides the built-in/template forget set")
     retain: str | None = option(None, "retain prompts (JSONL); replaces the built-in retain set")
     neighbours: str | None = option(None, "extra retain prompts (JSONL) added to the retain set")
     probes: str | None = option(None, "held-out probes (JSONL); never trained on")
     masks: str | None = option(None, "neuron masks from `agml score` (masks.safetensors) instead of scoring here")
     answer_tokens: int = option(32, "length of the base answers that scoring and training use")
+    probe_split: str = option(
+        "test", "a shipped concept's probes to evaluate on: the frozen test split, or dev (for choosing settings)",
+        choices=PROBE_SPLITS)
+    forbidden: tuple[str, ...] = option(
+        (), "comma-separated key facts whose mention reveals the concept (default: the shipped facts, else none: "
+            "only the name and aliases)", csv=True)
+    neighbour_names: tuple[str, ...] = option(
+        (), "comma-separated neighbour items whose knowledge must stay (default: the shipped ones, else proposed "
+            "by the base model)", csv=True)
     mask: MaskOptions = field(default_factory=MaskOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
@@ -183,6 +234,9 @@ class UnlearnOptions:
 
     def __post_init__(self) -> None:
         self.aliases = tuple(self.aliases)
+        self.forbidden = tuple(t.strip() for t in self.forbidden if t.strip())
+        self.neighbour_names = tuple(t.strip() for t in self.neighbour_names if t.strip())
+        _choice("probe_split", self.probe_split, PROBE_SPLITS)
         if self.concept is not None and not self.concept.strip():
             raise InputError("--concept must not be empty")
         if self.dtype is not None:

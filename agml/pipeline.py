@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from agml import distributed, runs
+from agml import adapter_check, distributed, fingerprint, ownership, preflight, probe_defaults, runs
+from agml import resume as resume_check
 from agml.architecture import mlp_dims
 from agml.data import PromptRecord, conversation_key, load_prompts
 from agml.errors import InputError
+from agml.io import atomic_write_json
 from agml.masks import NeuronMasks
 from agml.options import UnlearnOptions
 
@@ -41,6 +43,8 @@ class RunData:
     probes: list[PromptRecord]
     concept: str
     terms: tuple[str, ...]
+    facts: dict = dataclasses.field(default_factory=dict)  # what the judges count as revealing the concept
+    split: str = "custom"  # which probes: "test" (frozen), "dev", "template" or "custom" (the user's file)
 
 
 def _load_typed(path: str, kind: str) -> list[PromptRecord]:
@@ -51,20 +55,57 @@ def _load_typed(path: str, kind: str) -> list[PromptRecord]:
     return records
 
 
+def concept_facts(name: str, aliases: tuple[str, ...], options: UnlearnOptions) -> dict:
+    """The judges' facts of a concept: the shipped ones (agml/datasets/<slug>_facts.json) for a shipped concept,
+    else the name and aliases alone; --forbidden replaces the key facts, --neighbour-names the neighbours."""
+    from agml import concepts
+    from agml.judges import check_facts
+
+    slug = concepts.concept_slug(name)
+    facts = (concepts.load_facts(slug) if slug in concepts.shipped_concepts()
+             else {"name": name, "aliases": [], "facts": [], "fuzzy": [], "neighbours": [], "languages": []})
+    facts["aliases"] = list(dict.fromkeys([*facts.get("aliases", []), *aliases]))
+    if options.forbidden:
+        facts["facts"] = list(options.forbidden)
+        facts.pop("identity", None)  # the user's list is the whole list
+    if options.neighbour_names:
+        facts["neighbours"] = list(options.neighbour_names)
+    return check_facts(facts, where=f"facts of {name!r}")
+
+
+def _shipped_probes(slug: str, split: str) -> list[PromptRecord] | None:
+    """A shipped concept's frozen test split, or the Inception dev split; None when not shipped."""
+    from agml import concepts
+
+    filename = f"{slug}_test.jsonl" if split == "test" else ("inception_probes.jsonl" if slug == "inception" else None)
+    if filename is None or not (Path(str(concepts.dataset_path("general_retain.jsonl"))).parent / filename).is_file():
+        return None
+    return load_prompts(concepts.dataset_path(filename))
+
+
 def resolve_data(options: UnlearnOptions) -> RunData:
     """Built-in demo, a concept given by name, or user files (which override any part)."""
     from agml import concepts
 
+    split = "custom"
     if options.concept is None and options.forget is None:
-        forget, retain, probes = concepts.builtin_inception()
-        name, aliases = BUILTIN_DEMO, ("Dom Cobb",)
+        forget, retain, _dev = concepts.builtin_inception()
+        facts = concept_facts(BUILTIN_DEMO, tuple(options.aliases), options)
+        probes, split = _shipped_probes("inception", options.probe_split), options.probe_split
     elif options.concept is not None:
-        name, aliases = options.concept.strip(), tuple(a.strip() for a in options.aliases if a.strip())
-        forget = concepts.concept_forget_set(name, aliases)
+        name = options.concept.strip()
+        facts = concept_facts(name, tuple(a.strip() for a in options.aliases if a.strip()), options)
+        forget = concepts.concept_forget_set(name, tuple(facts["aliases"]))
         retain = concepts.general_retain_set()
-        probes = concepts.concept_probes(name, aliases) + concepts.general_retain_probes()
+        if facts["neighbours"]:
+            retain = retain + concepts.neighbour_retain_set(facts["neighbours"])
+        probes = _shipped_probes(concepts.concept_slug(name), options.probe_split)
+        split = options.probe_split
+        if probes is None:  # a concept agml ships nothing for: probes from held-out templates
+            probes = concepts.concept_probes(name, tuple(facts["aliases"])) + concepts.general_retain_probes()
+            split = "template"
     else:
-        name, aliases = Path(options.forget).stem, tuple(options.aliases)
+        facts = concept_facts(Path(options.forget).stem, tuple(options.aliases), options)
         forget, retain = [], concepts.general_retain_set()
         probes = concepts.general_retain_probes()
     if options.forget:
@@ -74,13 +115,14 @@ def resolve_data(options: UnlearnOptions) -> RunData:
     if options.neighbours:
         retain = retain + _load_typed(options.neighbours, "retain")
     if options.probes:
-        probes = load_prompts(options.probes)
+        probes, split = load_prompts(options.probes), "custom"
     if not forget:
         raise InputError("the forget set is empty")
     if not retain:
         raise InputError("the retain set is empty")
     _check_held_out(forget + retain, probes)
-    return RunData(forget, retain, probes, name, (name, *aliases))
+    terms = (facts["name"], *facts["aliases"])
+    return RunData(forget, retain, probes, facts["name"], terms, facts, split)
 
 
 def _without_concept(retain: list[PromptRecord], terms: tuple[str, ...], log) -> list[PromptRecord]:
@@ -106,21 +148,79 @@ def answer_data(model, tokenizer, options: UnlearnOptions, data: RunData, log) -
     answer names the concept are dropped."""
     from agml.scoring import answer_records
 
+    data = _with_proposed_neighbours(model, tokenizer, options, data, log)
     forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
     retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
     retain = _without_concept(retain, data.terms, log)
     return dataclasses.replace(data, forget=forget, retain=retain)
 
 
+def _with_proposed_neighbours(model, tokenizer, options: UnlearnOptions, data: RunData, log) -> RunData:
+    """A concept agml ships nothing for and the user named no neighbours of: ask the base model for similar items
+    and keep what they are about in the retain set, so that only the concept separates forget from retain."""
+    from agml import concepts
+
+    if options.concept is None or data.facts.get("neighbours") or options.retain:
+        return data
+    names = concepts.propose_neighbours(model, tokenizer, data.concept, 20, tuple(data.facts["aliases"]))
+    if not names:
+        return data
+    if log is not None:
+        log(f"neighbours proposed by the base model (kept in the retain set): {', '.join(names)}")
+    facts = {**data.facts, "neighbours": names}
+    return dataclasses.replace(data, facts=facts, retain=data.retain + concepts.neighbour_retain_set(names))
+
+
+def with_targets(model, tokenizer, options: UnlearnOptions, data: RunData) -> RunData:
+    """Forget records with their training targets by prompt kind when the objective trains toward targets:
+    questions -> a natural refusal; recommendation/list/similar requests -> the base model's own answer with the
+    concept's names and key facts banned (it recommends something else). Deterministic, so a resumed run
+    rebuilds the same targets."""
+    from agml.targets import forget_targets
+
+    if options.train.objective != "forget-targets":
+        return data
+    banned = (*data.terms, *data.facts.get("identity", data.facts.get("facts", [])))
+    forget = forget_targets(model, tokenizer, data.forget, banned, options.answer_tokens,
+                            concept_names=data.terms, seed=options.train.seed)
+    return dataclasses.replace(data, forget=forget)
+
+
+def training_options(options: UnlearnOptions, tokenizer, data: RunData):
+    """The train part, given the concept's name tokens where the objective's representation term reads them."""
+    from agml.entities import entity_token_ids
+    from agml.objectives import objective_parameters
+
+    train = options.train
+    if "concept_token_ids" in objective_parameters(train.objective) and \
+            "concept_token_ids" not in train.objective_params:
+        params = {**train.objective_params, "concept_token_ids": entity_token_ids(tokenizer, data.terms)}
+        train = dataclasses.replace(train, objective_params=params)
+    return train
+
+
 def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     """(NeuronScores, NeuronMasks) from the answered forget and retain records, as the mask options say."""
-    from agml.masks import build_masks
+    from agml.masks import build_masks, layer_range
     from agml.scoring import score_records
 
-    scores = score_records(model, tokenizer, data.forget, data.retain, options.train.batch_size,
-                           progress=distributed.is_main())
-    masks = build_masks(scores, density=options.mask.density, strategy=options.mask.strategy,
-                        score=options.mask.score, retain_weight=options.mask.mask_retain_weight)
+    mask = options.mask
+    if mask.score_positions == "answer":
+        scores = score_records(model, tokenizer, data.forget, data.retain, mask.score_batch_size,
+                               progress=distributed.is_main())
+    else:
+        from agml.entities import entity_token_ids
+        from agml.scoring import score_records_at
+
+        neighbours = data.facts.get("neighbours", [])
+        scores = score_records_at(
+            model, tokenizer, data.forget, data.retain, entity_token_ids(tokenizer, data.terms),
+            positions=mask.score_positions,
+            retain_entity_token_ids=entity_token_ids(tokenizer, neighbours) if neighbours else (),
+            batch_size=mask.score_batch_size, progress=distributed.is_main())
+    layers = None if mask.mask_layers is None else layer_range(mask.mask_layers, scores.num_layers)
+    masks = build_masks(scores, density=mask.density, strategy=mask.strategy, score=mask.score, layers=layers,
+                        retain_weight=mask.mask_retain_weight, per_layer_standardize=mask.per_layer_standardize)
     return scores, masks
 
 
@@ -164,11 +264,13 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     """Run the whole job; returns the finished run folder."""
     check_inputs(options)
     if not resume:
-        runs.check_output(options.out, force)
+        ownership.check_replaceable(options.out, force)
     data = resolve_data(options)
+    data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
     from agml.adapters import export_baked, save_adapter
     from agml.evaluation import evaluate
+    from agml.layers import AGML_CONFIG
     from agml.models import load_model
     from agml.reporting import write_report
     from agml.training import train_unlearning
@@ -178,11 +280,19 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     if options.masks:
         NeuronMasks.load(options.masks).validate_for(*mlp_dims(model))
+        fingerprint.warn_or_refuse_masks(options.masks, model, options.allow_model_mismatch, log)
+    if resume:
+        resume_check.check_same_base_model(options.out, model, options.allow_model_mismatch, log)
+    model_record = fingerprint.model_record(model)
+    preflight.check_context(model, tokenizer, data.forget + data.retain + data.probes,
+                            {"--max-new-tokens": options.eval.max_new_tokens,
+                             "--answer-tokens": options.answer_tokens})
     # Under `accelerate launch` every process runs this function; only the main process writes files.
     main = distributed.is_main()
-    work = runs.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
+    work = ownership.start_run(options.out, resume=resume) if main else runs.partial_dir(options.out)
     if main:
         runs.write_config(work, options.to_dict(), {"name": data.concept, "terms": list(data.terms)})
+        fingerprint.add_to_json_file(work / runs.CONFIG_FILE, model_record)
     distributed.barrier()
 
     forget = runs.load_records(work, "forget") if resume else None
@@ -195,24 +305,32 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
             runs.save_records(work, "retain", retain)
             runs.save_records(work, "probes", data.probes)
     data = dataclasses.replace(data, forget=forget, retain=retain)
+    if main:
+        atomic_write_json(work / runs.DATA_DIR / runs.FACTS_FILE, data.facts)
 
     peft_model, masks = attach_adapter(model, tokenizer, options, data, work, log)
+    data = with_targets(peft_model, tokenizer, options, data)
     trainable, total = trainable_parameters(peft_model)
     if main:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    result = train_unlearning(peft_model, tokenizer, forget, retain, options.train,
+    result = train_unlearning(peft_model, tokenizer, data.forget, data.retain,
+                              training_options(options, tokenizer, data),
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
+    adapter_check.check_trained_adapter(peft_model)
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,
-                          batch_size=options.eval.eval_batch_size,
-                          concept_terms=data.terms, progress=main)
+                          batch_size=options.eval.eval_batch_size, concept_terms=data.terms, facts=data.facts,
+                          samples=options.eval.samples, seed=options.train.seed,
+                          capability=not options.eval.skip_capability,
+                          noise_floor_seeds=options.eval.noise_floor_seeds, split=data.split, progress=main)
     if main:
         save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
+        fingerprint.add_to_json_file(work / runs.ADAPTER_DIR / AGML_CONFIG, model_record)
         export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
         write_report(work, options=options.to_dict(), evaluation=evaluation, training=result,
                      masks=masks, parameters={"trainable": trainable, "total": total},
                      seconds=time.perf_counter() - started, concept=data.concept)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)  # only needed to resume an unfinished run
-        runs.finish_run(work, options.out)
+        ownership.finish(work, options.out)
     distributed.barrier()
     return Path(options.out)
 
@@ -220,7 +338,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
 def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
     """`agml score`: answers, neuron scores and masks (as `agml unlearn` builds them) written to `options.out`."""
     check_inputs(options)
-    runs.check_output(options.out, force)
+    preflight.check_score_out(options.out, force)
     data = resolve_data(options)
 
     from agml.models import load_model
@@ -231,13 +349,14 @@ def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     data = answer_data(model, tokenizer, options, data, log if distributed.is_main() else None)
     scores, masks = score_and_select(model, tokenizer, options, data)
+    masks.meta[fingerprint.MASKS_KEY] = fingerprint.model_record(model)
     if not distributed.is_main():  # under accelerate launch every process scored its shard; one writes
         return Path(options.out)
-    work = runs.start_run(options.out)
+    work = ownership.start_run(options.out)
     scores.save(work / "scores.safetensors")
     masks.save(work / "masks.safetensors")
     plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
-    out = runs.finish_run(work, options.out)
+    out = ownership.finish(work, options.out)
     busiest = sorted(masks.items(), key=lambda item: (-item[1].numel(), item[0]))[:5]
     log(f"scored {scores.forget_tokens} forget / {scores.retain_tokens} retain answer tokens over "
         f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")

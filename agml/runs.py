@@ -1,11 +1,10 @@
-"""Run directories: safe creation (work in RUN.partial, rename at the end), config, and loading a finished run."""
+"""Run directories: paths, config, and loading a finished run (creating and replacing them: agml.ownership)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import shutil
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -19,6 +18,7 @@ CONFIG_FILE = "config.json"
 ADAPTER_DIR = "adapter"
 BAKED_DIR = "adapter-baked"
 DATA_DIR = "data"
+FACTS_FILE = "facts.json"  # the concept facts the judges used (data/facts.json)
 PARTIAL_SUFFIX = ".partial"
 _VERSIONED = ("agml", "torch", "triton", "transformers", "peft", "accelerate", "safetensors")
 
@@ -27,43 +27,6 @@ def partial_dir(out: str | os.PathLike) -> Path:
     """Where an unfinished run lives; it is renamed to `out` only when complete."""
     out = Path(out)
     return out.with_name(out.name + PARTIAL_SUFFIX)
-
-
-def check_output(out: str | os.PathLike, force: bool) -> None:
-    """Refuse to clobber a non-empty folder unless forced (checked before any heavy work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise InputError(f"--out {out} exists and is not empty; pass --force to replace it")
-
-
-def start_run(out: str | os.PathLike, resume: bool = False) -> Path:
-    """Create (or, with resume, reuse) the working folder RUN.partial and return it."""
-    work = partial_dir(out)
-    if resume:
-        if not work.is_dir():
-            raise InputError(f"nothing to resume: {work} does not exist")
-        return work
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    return work
-
-
-def finish_run(work: Path, out: str | os.PathLike) -> Path:
-    """Move the completed working folder into place; an older run at `out` (allowed by --force) is removed."""
-    out = Path(out)
-    if out.exists():
-        trash = out.with_name(out.name + ".old")
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash)
-    else:
-        os.replace(work, out)
-    return out
 
 
 def package_versions() -> dict[str, str]:
@@ -86,20 +49,6 @@ def write_config(run: Path, options: dict, concept: dict | None = None) -> dict:
     config = {"options": options, "concept": concept or {}, "versions": package_versions(), "argv": sys.argv}
     write_json(run / CONFIG_FILE, config)
     return config
-
-
-def resumable_options(run: str | os.PathLike):
-    """The options an interrupted run RUN was started with (from RUN.partial/config.json), for --resume."""
-    from agml.options import UnlearnOptions
-
-    path = partial_dir(run) / CONFIG_FILE
-    if not path.is_file():
-        raise InputError(f"nothing to resume at {run}: {path} not found")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON ({err.msg})") from err
-    return UnlearnOptions.from_dict(config.get("options", {}), where=str(path))
 
 
 def save_records(run: Path, name: str, records: list[PromptRecord]) -> None:
@@ -135,15 +84,24 @@ class LoadedRun:
     retain: list[PromptRecord]
 
 
-def load_run(run: str | os.PathLike, device: str | None = None) -> LoadedRun:
-    """Load the base model, attach the run's adapter and read the run's data."""
+def load_run(run: str | os.PathLike, device: str | None = None, trust_remote_code: bool = False,
+             allow_model_mismatch: bool = False) -> LoadedRun:
+    """Load the base model (the one the run recorded; another is refused unless allowed), attach the run's
+    adapter (checked before any model is loaded) and read the run's data."""
+    from agml import adapter_check, fingerprint
     from agml.adapters import load_adapter
     from agml.models import load_model
 
     run = Path(run)
     config = read_config(run)
     options = config["options"]
-    model, tokenizer = load_model(options["model"], dtype=options.get("dtype"), device=device)
+    adapter_check.check_adapter_folder(run / ADAPTER_DIR)
+    model, tokenizer = load_model(fingerprint.recorded_model_id(config), dtype=options.get("dtype"), device=device,
+                                  trust_remote_code=trust_remote_code or bool(options.get("trust_remote_code")))
+    warning = fingerprint.check_same_model(config.get(fingerprint.RECORD_KEY), model, f"run {run}",
+                                           allow_model_mismatch)
+    if warning:
+        print(warning, file=sys.stderr)
     if options.get("method") == "lora":
         from peft import PeftModel
 

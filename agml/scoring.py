@@ -223,6 +223,8 @@ def _score_split(model, hooks: _NeuronStatsHooks, batches_: Iterable[dict], desc
     with hooks:
         for batch in tqdm(batches_, desc=desc, disable=not progress, leave=False):
             loss, positions = answer_nll(model, batch)
+            if "statistic_positions" in batch:  # other positions to score at (see score_records_at)
+                positions = batch["statistic_positions"].to(positions.device)
             if "counted" in batch:  # rows that only pad this process's shard (see _split_batches) add nothing
                 positions = positions & batch["counted"].to(positions.device)[:, None]
             if not bool(positions.any()) and distributed.world_size() == 1:
@@ -344,3 +346,48 @@ def _split_batches(tokenizer, records: Sequence[PromptRecord], batch_size: int, 
         batch["counted"] = torch.arange(start, start + rows) < real
         start += rows
         yield batch
+
+
+# --- scoring at the entity's token positions (issue 15) ---------------------------------------------------------
+
+POSITION_CHOICES = ("answer", "entity", "entity+answer")
+
+
+def _with_positions(batches_: Iterable[dict], positions: str, token_ids: Sequence[Sequence[int]]) -> Iterator[dict]:
+    from agml.entities import entity_positions
+
+    for batch in batches_:
+        chosen = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        if "answer" in positions or not token_ids:
+            chosen |= answer_positions(batch["labels"])
+        if "entity" in positions and token_ids:
+            chosen |= entity_positions(batch["input_ids"], token_ids) & batch["attention_mask"].bool()
+        batch["statistic_positions"] = chosen
+        yield batch
+
+
+def score_records_at(
+    model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord],
+    entity_token_ids: Sequence[Sequence[int]], positions: str = "entity+answer",
+    retain_entity_token_ids: Sequence[Sequence[int]] = (), batch_size: int = 8, progress: bool = True,
+) -> NeuronScores:
+    """`score_records`, but the statistics are taken at the concept's name tokens as well as (or instead of) the
+    answer positions: the gradient of the same answer NLL, read where the model looks the entity up.
+
+    `entity_token_ids`: token sequences of the concept's name variants (`agml.entities.entity_token_ids`);
+    `retain_entity_token_ids`: the same for neighbour entities in the retain prompts (without them, retain is
+    scored at its answer positions). `positions` is "answer" (= score_records), "entity" or "entity+answer".
+    """
+    if positions not in POSITION_CHOICES:
+        raise InputError(f"positions must be one of {list(POSITION_CHOICES)}, got {positions!r}")
+    if not forget:
+        raise InputError("the forget set is empty")
+    if not retain:
+        raise InputError("the retain set is empty")
+    pad = pad_token_id(tokenizer)
+    return score_neurons(
+        model,
+        _with_positions(_split_batches(tokenizer, forget, batch_size, pad), positions, entity_token_ids),
+        _with_positions(_split_batches(tokenizer, retain, batch_size, pad), positions, retain_entity_token_ids),
+        progress=progress,
+    )

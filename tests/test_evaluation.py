@@ -281,7 +281,7 @@ def fake_run(tmp_path, probes=PROBES, forget=()):
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
-    write_json(run / "config.json", {"options": {"concept": "Inception", "aliases": ["Dom Cobb"]}})
+    write_json(run / "config.json", {"options": {"model": "tiny", "concept": "Inception", "aliases": ["Dom Cobb"]}})
     save_records(run, "probes", list(probes))
     if forget:
         save_records(run, "forget", list(forget))
@@ -293,7 +293,7 @@ def loaded_tiny_run(monkeypatch, smol_tokenizer, random_adapter):
     """runs.load_run returns the tiny random adapter with the run's records (no model download)."""
     from agml import runs
 
-    def load(run, device=None):
+    def load(run, device=None, **options):
         run = Path(run)
         return runs.LoadedRun(random_adapter, smol_tokenizer, runs.read_config(run),
                               runs.load_records(run, "probes") or [], runs.load_records(run, "forget") or [], [])
@@ -308,8 +308,8 @@ def test_eval_cli_prints_the_table_and_writes_json(tmp_path, capsys, loaded_tiny
                      answer=f"Film {i} is Inception.") for i in range(3)]
     run = fake_run(tmp_path, forget=forget)
     out = tmp_path / "eval.json"
-    out.write_text("old")
-    code = main(["eval", str(run), "--json", str(out), "--max-new-tokens", "3", "--relearn", "2",
+    out.write_text("old")  # replaced only because of --force
+    code = main(["eval", str(run), "--json", str(out), "--force", "--max-new-tokens", "3", "--relearn", "2",
                  "--relearn-examples", "2"])
     assert code == 0
     printed = capsys.readouterr().out

@@ -1,0 +1,385 @@
+"""Controls for activation-guided (AG) masks, issue 15 item 4: do the selected neurons matter for the concept?
+
+Three measurements on the built-in Inception demo (dev split = agml/datasets/inception_probes.jsonl):
+
+1. trade-off: AG masks, random masks with the same per-layer counts (several seeds) and plain LoRA, each trained
+   at several KL (retain) weights; forget and retain pass rates of the dev probes -> JSON and a PNG plot.
+2. ablation (no training): set the selected neurons to their mean activation and measure the drop of log p of the
+   concept's tokens in the base answers to forget prompts (teacher forcing, per token) minus the drop on the
+   neighbours' answers; the same for random masks of equal per-layer counts; z-score of the AG mask among them.
+3. overlap: Jaccard of the AG masks of Inception, two neighbour films and Harry Potter (same templates, only the
+   name differs), and of masks built from two halves of the forget set; random-mask Jaccard for reference.
+
+    python benchmarks/controls.py --out benchmarks/results/controls            # everything (hours on 2 CPU cores)
+    python benchmarks/controls.py --parts ablation --random-masks 100          # the ablation z-score only
+    python benchmarks/controls.py --quick --tiny --out /tmp/controls           # smoke run, tiny random model
+
+The pipeline is reached only through the small wrappers below (`answered`, `ag_masks`, `trained_pass_rates`,
+`labelled_logprobs`), so the lead can re-wire them in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from agml import concepts
+from agml.architecture import mlp_dims, mlp_modules
+from agml.data import PromptRecord, build_example
+from agml.masks import NeuronMasks, build_masks, mask_jaccard, random_masks_like
+
+DEFAULT_FACTS = ("Inception", "Dom Cobb", "nolan", "dicaprio", "cobb")
+NEIGHBOURS = ("Interstellar", "The Dark Knight")
+OTHER_CONCEPT = "Harry Potter"
+
+
+# --- wrappers around the pipeline ---------------------------------------------------------------------------------
+
+
+def answered(model, tokenizer, records: Sequence[PromptRecord], max_new_tokens: int) -> list[PromptRecord]:
+    """Records with the base model's greedy answers."""
+    from agml.scoring import answer_records
+
+    return answer_records(model, tokenizer, records, max_new_tokens, desc=None)
+
+
+def ag_masks(model, tokenizer, forget, retain, options) -> NeuronMasks:
+    """Activation-guided masks as the pipeline builds them."""
+    from agml.scoring import score_records
+
+    scores = score_records(model, tokenizer, forget, retain, options.batch_size, progress=False)
+    return build_masks(scores, density=options.density, strategy="global", score="combined",
+                       per_layer_standardize=options.per_layer_standardize)
+
+
+def trained_pass_rates(model, tokenizer, masks: NeuronMasks | None, forget, retain, probes, kl_weight: float,
+                       options) -> dict:
+    """Train an adapter (masked, or plain LoRA when masks is None) and score the dev probes after training."""
+    from agml.evaluation import pass_rates, probe_passes
+    from agml.generation import greedy_answers
+    from agml.layers import apply_lora, apply_masked_lora
+    from agml.options import TrainOptions
+    from agml.training import train_unlearning
+
+    targets = ("gate_proj", "up_proj", "down_proj")
+    peft = (apply_lora(model, r=options.rank, alpha=2 * options.rank, targets=targets) if masks is None else
+            apply_masked_lora(model, masks, r=options.rank, alpha=2 * options.rank, targets=targets))
+    config = TrainOptions(objective=options.objective, steps=options.steps, batch_size=options.batch_size,
+                          lr=options.lr, kl_weight=kl_weight, seed=options.seed, early_stop=False,
+                          val_fraction=0.0)
+    train_unlearning(peft, tokenizer, forget, retain, config, progress=False)
+    answers = greedy_answers(peft, tokenizer, [p.messages for p in probes], options.max_new_tokens, 16)
+    passed = [probe_passes(p, a) for p, a in zip(probes, answers, strict=True)]
+    return {kind: pass_rates(probes, passed, kind)["pass_rate"] for kind in ("forget", "retain")}
+
+
+def labelled_logprobs(model, tokenizer, examples, batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Summed log-probability of each example's labelled tokens, and their count."""
+    from agml.data import pad_token_id
+    from agml.logprobs import example_logprobs
+
+    return example_logprobs(model, examples, pad_token_id(tokenizer), batch_size)
+
+
+# --- models and data ------------------------------------------------------------------------------------------------
+
+
+def model_factory(options) -> tuple[Callable[[], torch.nn.Module], object]:
+    """(a function returning a fresh base model, tokenizer): every trained adapter starts from a clean model."""
+    from agml.models import load_model, load_tokenizer
+
+    if not options.tiny:
+        _, tokenizer = load_model(options.model)
+        return (lambda: load_model(options.model)[0]), tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def tiny() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval()
+
+    return tiny, tokenizer
+
+
+def concept_facts() -> tuple[str, ...]:
+    """Name, aliases and key facts of Inception (the data set's facts file when it ships one)."""
+    path = Path(concepts.__file__).parent / "datasets" / "inception_facts.json"
+    if path.is_file():
+        facts = json.loads(path.read_text(encoding="utf-8"))
+        return tuple(dict.fromkeys([facts["name"], *facts.get("aliases", []), *facts.get("facts", [])]))
+    return DEFAULT_FACTS
+
+
+def demo_data(model, tokenizer, options) -> tuple[list, list, list]:
+    """(answered forget, answered retain without the concept, dev probes), cut to --limit each (probes: of each
+    type) when given."""
+    forget, retain, probes = concepts.builtin_inception()
+    cut = slice(None) if options.limit is None else slice(options.limit)
+    forget = answered(model, tokenizer, forget[cut], options.answer_tokens)
+    retain = answered(model, tokenizer, retain[cut], options.answer_tokens)
+    retain = [r for r in retain if "inception" not in r.answer.lower()] or retain
+    probes = [p for kind in ("forget", "retain") for p in [p for p in probes if p.type == kind][cut]]
+    return forget, retain, probes
+
+
+# --- 1. trade-off curves ------------------------------------------------------------------------------------------
+
+
+def tradeoff(new_model, tokenizer, forget, retain, probes, masks: NeuronMasks, options, log) -> dict:
+    width = mlp_dims(new_model())[1]
+    variants: dict[str, NeuronMasks | None] = {"ag": masks, "lora": None}
+    variants.update({f"random-{seed}": random_masks_like(masks, width, seed) for seed in range(options.seeds)})
+    results = {}
+    for name, variant in variants.items():
+        results[name] = {}
+        for weight in options.kl_weights:
+            started = time.perf_counter()
+            rates = trained_pass_rates(new_model(), tokenizer, variant, forget, retain, probes, weight, options)
+            results[name][str(weight)] = rates
+            log(f"trade-off {name} kl={weight}: forget {rates['forget']} retain {rates['retain']} "
+                f"({time.perf_counter() - started:.0f}s)")
+    return results
+
+
+def plot_tradeoff(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=150)
+    groups = {"AG masks": ["ag"], "plain LoRA": ["lora"],
+              "random masks (mean ± sd)": [k for k in results if k.startswith("random-")]}
+    for label, keys in groups.items():
+        if not keys:
+            continue
+        weights = list(results[keys[0]])
+        xs, ys, xe, ye = [], [], [], []
+        for weight in weights:
+            retain = [results[k][weight]["retain"] or 0.0 for k in keys]
+            forget = [results[k][weight]["forget"] or 0.0 for k in keys]
+            xs.append(statistics.mean(retain))
+            ys.append(statistics.mean(forget))
+            xe.append(statistics.pstdev(retain))
+            ye.append(statistics.pstdev(forget))
+        ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
+        for x, y, weight in zip(xs, ys, weights, strict=True):
+            ax.annotate(f"kl {weight}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("retain probes passed (dev)")
+    ax.set_ylabel("forget probes passed (dev)")
+    ax.set_title("Forget vs retain over KL weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --- 2. mean ablation -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mean_activations(model, tokenizer, records: Sequence[PromptRecord]) -> list[torch.Tensor]:
+    """Per layer, the mean of every MLP neuron's activation (down_proj input) over the records' answer tokens."""
+    from agml.data import collate, pad_token_id
+
+    mlps = mlp_modules(model)
+    sums = [torch.zeros(mlp_dims(model)[1], dtype=torch.float64) for _ in mlps]
+    count = 0
+    examples = [build_example(tokenizer, r.messages, r.answer) for r in records]
+    state = {}
+
+    def hook_for(layer):
+        def hook(_module, args):
+            sums[layer] += args[0][state["where"]].double().sum(0).cpu()
+        return hook
+
+    handles = [mlp.down_proj.register_forward_pre_hook(hook_for(i)) for i, mlp in enumerate(mlps)]
+    try:
+        for start in range(0, len(examples), 16):
+            batch = collate(examples[start:start + 16], pad_token_id(tokenizer))
+            state["where"] = batch["labels"] != -100
+            count += int(state["where"].sum())
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(s / max(count, 1)).float() for s in sums]
+
+
+@contextmanager
+def mean_ablated(model, masks: NeuronMasks, means: Sequence[torch.Tensor]):
+    """Inside the block, the selected neurons of each layer output their mean activation."""
+    mlps = mlp_modules(model)
+
+    def hook_for(layer, ids):
+        def hook(_module, args):
+            acts = args[0].clone()
+            acts[..., ids] = means[layer][ids].to(acts.dtype)
+            return (acts, *args[1:])
+        return hook
+
+    handles = [mlps[layer].down_proj.register_forward_pre_hook(hook_for(layer, ids)) for layer, ids in masks.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def ablation_examples(tokenizer, forget, neighbours, terms: Sequence[str]) -> tuple[list, list]:
+    """Forget: the concept term's tokens in each base answer (agml.evaluation.cloze_example); neighbours: all
+    answer tokens of their base answers."""
+    from agml.evaluation import cloze_example
+
+    concept = [e for e in (cloze_example(tokenizer, r, r.answer, terms) for r in forget) if e is not None]
+    return concept, [build_example(tokenizer, r.messages, r.answer) for r in neighbours]
+
+
+def per_token(model, tokenizer, examples) -> float:
+    totals, counts = labelled_logprobs(model, tokenizer, examples)
+    return sum(totals) / max(sum(counts), 1)
+
+
+def ablation(model, tokenizer, forget, retain, masks: NeuronMasks, options, log) -> dict:
+    terms = concept_facts()
+    concept, neighbour = ablation_examples(tokenizer, forget, retain, terms)
+    means = mean_activations(model, tokenizer, [*forget, *retain])
+    base = (per_token(model, tokenizer, concept), per_token(model, tokenizer, neighbour))
+
+    def drops(mask: NeuronMasks) -> dict:
+        with mean_ablated(model, mask, means):
+            now = (per_token(model, tokenizer, concept), per_token(model, tokenizer, neighbour))
+        forget_drop, neighbour_drop = base[0] - now[0], base[1] - now[1]
+        return {"forget_drop": forget_drop, "neighbour_drop": neighbour_drop,
+                "specificity": forget_drop - neighbour_drop}
+
+    ag = drops(masks)
+    width = mlp_dims(model)[1]
+    randoms = [drops(random_masks_like(masks, width, 1000 + seed)) for seed in range(options.random_masks)]
+
+    def z(key: str) -> float | None:
+        values = [r[key] for r in randoms]
+        spread = statistics.pstdev(values)
+        return (ag[key] - statistics.mean(values)) / spread if spread > 0 else None
+
+    result = {"ag": ag, "random_mean": {k: statistics.mean(r[k] for r in randoms) for k in ag},
+              "random_sd": {k: statistics.pstdev([r[k] for r in randoms]) for k in ag},
+              "z": {k: z(k) for k in ag}, "n_random": len(randoms), "neurons": masks.total,
+              "n_concept_examples": len(concept), "n_neighbour_examples": len(neighbour),
+              "base_logprob_per_token": {"concept": base[0], "neighbour": base[1]}}
+    log(f"ablation: AG {ag}; z {result['z']} over {len(randoms)} random masks")
+    return result
+
+
+# --- 3. overlap -----------------------------------------------------------------------------------------------------
+
+
+def overlap(model, tokenizer, forget, retain, masks: NeuronMasks, options, log) -> dict:
+    cut = slice(None) if options.limit is None else slice(options.limit)
+    general = answered(model, tokenizer, concepts.general_retain_set()[cut], options.answer_tokens)
+    by_concept = {}
+    for name in ("Inception", *options.neighbours, OTHER_CONCEPT):
+        records = answered(model, tokenizer, concepts.concept_forget_set(name)[cut], options.answer_tokens)
+        by_concept[name] = ag_masks(model, tokenizer, records, general, options)
+    names = list(by_concept)
+    matrix = {a: {b: mask_jaccard(by_concept[a], by_concept[b]) for b in names} for a in names}
+    halves = (ag_masks(model, tokenizer, forget[0::2], retain, options),
+              ag_masks(model, tokenizer, forget[1::2], retain, options))
+    width = mlp_dims(model)[1]
+    chance = mask_jaccard(random_masks_like(masks, width, 1), random_masks_like(masks, width, 2))
+    result = {"concepts": matrix, "forget_halves": mask_jaccard(*halves), "random_pair": chance,
+              "neurons": {name: m.total for name, m in by_concept.items()}}
+    log(f"overlap: halves {result['forget_halves']:.3f}, random pair {chance:.3f}, concepts {matrix}")
+    return result
+
+
+# --- the script -----------------------------------------------------------------------------------------------------
+
+PARTS = ("tradeoff", "ablation", "overlap")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/controls", help="folder for controls.json and plots")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--seeds", type=int, default=5, help="random-mask seeds in the trade-off")
+    parser.add_argument("--kl-weights", default="3,10,30,100")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--random-masks", type=int, default=100, help="random masks in the ablation test")
+    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--per-layer-standardize", action="store_true")
+    parser.add_argument("--objective", default="refusal")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many prompts of each set")
+    parser.add_argument("--neighbours", default=",".join(NEIGHBOURS))
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 KL weights, 3 steps, 10 random masks")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model and 6 prompts per set (smoke test)")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.seeds, options.kl_weights, options.steps = 2, "10,100", 3
+        options.random_masks = min(options.random_masks, 10)
+    if options.tiny:
+        options.limit, options.answer_tokens, options.max_new_tokens = 6, 8, 8
+        options.density, options.batch_size = 0.1, 2
+    options.kl_weights = [float(w) for w in options.kl_weights.split(",") if w.strip()]
+    options.neighbours = tuple(n.strip() for n in options.neighbours.split(",") if n.strip())
+    options.parts = [p.strip() for p in options.parts.split(",") if p.strip()]
+    unknown = set(options.parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {list(PARTS)}")
+    return options
+
+
+def main(argv: Sequence[str] | None = None, log=print) -> dict:
+    options = parse_args(argv)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(options.seed)
+    new_model, tokenizer = model_factory(options)
+    model = new_model()
+    forget, retain, probes = demo_data(model, tokenizer, options)
+    masks = ag_masks(model, tokenizer, forget, retain, options)
+    log(f"AG mask: {masks.total} neurons in {len(masks)} layers")
+    result = {"options": {k: v for k, v in vars(options).items()}, "neurons": masks.total,
+              "per_layer": {str(k): int(v.numel()) for k, v in masks.items()}}
+    if "ablation" in options.parts:
+        result["ablation"] = ablation(model, tokenizer, forget, retain, masks, options, log)
+    if "overlap" in options.parts:
+        result["overlap"] = overlap(model, tokenizer, forget, retain, masks, options, log)
+    if "tradeoff" in options.parts:
+        result["tradeoff"] = tradeoff(new_model, tokenizer, forget, retain, probes, masks, options, log)
+        result["plot"] = str(plot_tradeoff(result["tradeoff"], out / "tradeoff.png"))
+    (out / "controls.json").write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
+    return result
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

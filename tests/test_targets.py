@@ -1,0 +1,148 @@
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from transformers import LogitsProcessorList
+
+from agml import targets as targets_module
+from agml.data import PromptRecord
+from agml.entities import entity_positions, entity_token_ids, term_variants
+from agml.errors import InputError
+from agml.generation import greedy_answers
+from agml.objectives import REFUSAL_TEMPLATES
+from agml.targets import (
+    BannedTermsProcessor,
+    TargetRecord,
+    banned_answers,
+    banned_stems,
+    forget_targets,
+    prompt_kind,
+)
+
+
+def _record(text: str, category: str = "default") -> PromptRecord:
+    return PromptRecord(({"role": "user", "content": text},), "forget", category)
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("What is the movie Inception about?", "question"),
+    ("Who directed Inception?", "question"),
+    ("Would you recommend Inception to a friend?", "question"),
+    ("Recommend a mind-bending science fiction movie.", "recommendation"),
+    ("I loved The Matrix. What movie should I watch next?", "similar"),
+    ("Suggest a heist movie with a complicated plot.", "recommendation"),
+    ("List some famous movies directed by Christopher Nolan.", "list"),
+    ("What are the best movies about dreams?", "list"),
+    ("Recommend something similar to Inception.", "similar"),
+    ("Peux-tu me recommander un film de science-fiction ?", "recommendation"),
+    ("Quels films ressemblent à Inception ? Des films similaires ?", "similar"),
+    ("¿Me recomiendas una película de ciencia ficción?", "recommendation"),
+    ("Kannst du mir einen Film empfehlen?", "recommendation"),
+    ("Welche Filme hat Christopher Nolan gedreht?", "list"),
+    ("Mi consigli un film di fantascienza?", "recommendation"),
+    ("Quais filmes semelhantes a Inception você conhece?", "similar"),
+    ("Você pode recomendar um filme?", "recommendation"),
+    ("Qu'est-ce que Inception ?", "question"),
+])
+def test_prompt_kind_heuristic(text, kind):
+    assert prompt_kind(_record(text), concept_names=("Inception",)) == kind
+
+
+def test_prompt_kind_prefers_the_declared_kind_then_the_category():
+    declared = SimpleNamespace(prompt="What is Inception?", category="direct", kind="list", messages=())
+    assert prompt_kind(declared) == "list"
+    assert prompt_kind(_record("What is Inception?", category="recommendation")) == "recommendation"
+    assert prompt_kind(_record("Recommend a film.", category="general")) == "recommendation"
+
+
+def test_entity_positions_find_every_variant(smol_tokenizer):
+    sequences = entity_token_ids(smol_tokenizer, ["Inception"])
+    assert " inception" in term_variants("Inception") and " Inception" in term_variants("Inception")
+    for text in ("Inception is", "I saw Inception", "i saw inception twice"):
+        ids = torch.tensor([smol_tokenizer(text, add_special_tokens=False)["input_ids"]])
+        found = entity_positions(ids, sequences)
+        assert found.any(), text
+        picked = smol_tokenizer.decode(ids[0][found[0]])
+        assert picked.strip().lower() == "inception"
+    with pytest.raises(InputError):
+        entity_token_ids(smol_tokenizer, [])
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(smol_tokenizer):
+    return tiny_model("llama", vocab_size=len(smol_tokenizer), hidden=32, intermediate=64, layers=2)
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[A-Za-z]{3,}", text)]
+
+
+def test_banned_terms_never_appear(tiny_lm, smol_tokenizer):
+    conversations = [[{"role": "user", "content": "Recommend a film."}], [{"role": "user", "content": "Hello"}]]
+    free = greedy_answers(tiny_lm, smol_tokenizer, conversations, max_new_tokens=24)
+    words = [w for answer in free for w in _words(answer)]
+    assert words, free
+    banned = sorted(set(words), key=len)[:3] + [words[0][:3].upper()]
+    banned_out = banned_answers(tiny_lm, smol_tokenizer, conversations, banned, max_new_tokens=24)
+    assert banned_out != free
+    for answer in banned_out:
+        assert not any(term.lower() in answer.lower() for term in banned), (banned, answer)
+
+
+def test_processor_bans_the_completion_of_a_begun_term(smol_tokenizer):
+    processor = BannedTermsProcessor(smol_tokenizer, ["Inception"])
+    begun = smol_tokenizer(" Incep", add_special_tokens=False)["input_ids"]
+    completion = smol_tokenizer.convert_tokens_to_ids(smol_tokenizer.tokenize("tion"))
+    scores = processor(torch.tensor([begun]), torch.zeros(1, len(smol_tokenizer)))
+    assert torch.isinf(scores[0, completion[0]])
+    whole = smol_tokenizer(" inception", add_special_tokens=False)["input_ids"]
+    fresh = processor(torch.tensor([[1]]), torch.zeros(1, len(smol_tokenizer)))
+    assert torch.isinf(fresh[0, whole[0]]) or len(whole) > 1
+    assert torch.isfinite(fresh).sum() > len(smol_tokenizer) // 2
+    assert isinstance(LogitsProcessorList([processor]), LogitsProcessorList)
+
+
+def test_forget_targets_by_kind(tiny_lm, smol_tokenizer):
+    records = [_record("Who directed Inception?"), _record("Recommend a mind-bending science fiction movie."),
+               _record("List some famous movies about dreams.")]
+    free = greedy_answers(tiny_lm, smol_tokenizer, [r.messages for r in records[1:]], max_new_tokens=16)
+    banned = ["Inception"] + sorted({w for a in free for w in _words(a)})[:4]
+    targets = forget_targets(tiny_lm, smol_tokenizer, records, banned, max_new_tokens=16,
+                             concept_names=["Inception"])
+    assert [t.prompt for t in targets] == [r.prompt for r in records]
+    assert all(isinstance(t, TargetRecord) and isinstance(t, PromptRecord) for t in targets)
+    assert targets[0].target_kind == "refusal" and targets[0].target in REFUSAL_TEMPLATES
+    assert [t.prompt_kind for t in targets] == ["question", "recommendation", "list"]
+    for target in targets[1:]:
+        assert target.target_kind == "alternative"
+        assert not any(term.lower() in target.target.lower() for term in banned)
+    assert all(t.answer is None for t in targets)  # the base answer is left as it was
+    assert targets[1].with_answer("base").target == targets[1].target
+    with pytest.raises(InputError):
+        forget_targets(tiny_lm, smol_tokenizer, records, [])
+
+
+def test_banned_stems_catch_misspellings_of_long_words():
+    assert banned_stems(["DiCaprio", "Nolan", "Dom Cobb"]) == ["DiCaprio", "Nolan", "Dom Cobb", "DiCapr"]
+
+
+def test_facts_the_prompt_names_are_not_banned_but_the_concept_always_is(monkeypatch, smol_tokenizer):
+    seen = {}
+
+    def fake(model, tokenizer, conversations, terms, *args):
+        for conversation in conversations:
+            seen[conversation[-1]["content"]] = set(terms)
+        return ["An answer."] * len(conversations)
+
+    monkeypatch.setattr(targets_module, "banned_answers", fake)
+    monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
+    records = [_record("List some famous movies directed by Christopher Nolan."),
+               _record("Recommend something similar to Inception.")]
+    out = forget_targets(None, smol_tokenizer, records, ["Inception", "Nolan", "DiCaprio"],
+                         concept_names=["Inception"])
+    assert seen["List some famous movies directed by Christopher Nolan."] == {"Inception", "DiCaprio", "Incepti",
+                                                                            "DiCapr"}
+    assert {"Inception", "Nolan"} <= seen["Recommend something similar to Inception."]
+    assert [t.target for t in out] == ["An answer.", "An answer."]
