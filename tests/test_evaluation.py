@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import tiny_model
 
-from agml import answer_cache, evaluation
+from agml import answer_cache, concepts, evaluation
 from agml.data import IGNORE_INDEX, PromptRecord, parse_record
 from agml.errors import InputError
 from agml.evaluation import (
@@ -327,7 +327,11 @@ def test_eval_cli_prints_the_table_and_writes_json(tmp_path, capsys, loaded_tiny
         (["--relearn", "0"], "--relearn must be >= 1"),
         (["--json", "/nonexistent/folder/out.json"], "does not exist"),
         (["--probes", "missing.jsonl"], "prompt file not found"),
-        (["--relearn", "3"], "forget records with answers"),
+        (["--relearn", "3", "--relearn-data", "missing.jsonl"], "missing.jsonl"),
+        (["--relearn", "3", "--relearn-lr", "0"], "--relearn-lr must be > 0"),
+        (["--samples", "-1"], "--samples must be >= 0"),
+        (["--noise-floor", "-2"], "--noise-floor must be >= 0"),
+        (["--lm-eval", " , "], "--lm-eval needs at least one task"),
     ],
 )
 def test_eval_cli_rejects_bad_input_before_loading(tmp_path, capsys, monkeypatch, extra, message):
@@ -467,3 +471,50 @@ def test_the_fingerprint_ignores_use_cache_but_not_the_dtype(smol_tokenizer):
     model.config.use_cache = not model.config.use_cache  # training turns it off; the answers do not change
     assert answer_cache.model_fingerprint(model, smol_tokenizer) == first
     assert answer_cache.model_fingerprint(model.to(torch.bfloat16), smol_tokenizer) != first
+
+
+def test_eval_cli_relearn_data_falls_back_to_the_runs_forget_records(tmp_path, capsys, monkeypatch):
+    from agml import runs
+    from agml.cli import main
+    from agml.runs import write_json
+
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
+    run = fake_run(tmp_path)
+    write_json(run / "config.json", {"options": {"model": "tiny", "concept": "Zeta Quux"}})
+    assert main(["eval", str(run), "--relearn", "3"]) == 2
+    assert "forget records with answers" in capsys.readouterr().err
+
+
+def test_eval_cli_new_flags_reach_evaluate_and_the_attack(tmp_path, capsys, monkeypatch, loaded_tiny_run):
+    from agml import relearn
+    from agml.cli import main
+    from agml.io import atomic_write_json
+
+    seen = {}
+
+    def fake_evaluate(model, tokenizer, probes, **kwargs):
+        seen.update(kwargs)
+        return evaluate(model, tokenizer, probes, **{**kwargs, "capability": False, "progress": False})
+
+    def fake_attack(model, tokenizer, records, probes, **kwargs):
+        seen["attack"] = (len(records), kwargs)
+        return {"variant": kwargs["variant"], "steps": kwargs["steps"], "examples": 2, "lr": 1e-5,
+                "forget_pass": {k: 1.0 for k in ("unlearned_before_attack", "unlearned_after_attack",
+                                                 "base_before_attack", "base_after_attack")}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(relearn, "relearn_attack", fake_attack)
+    run = fake_run(tmp_path)
+    facts = {"name": "Inception", "aliases": [], "facts": ["Cobb"], "fuzzy": [], "neighbours": [], "languages": []}
+    atomic_write_json(run / "data" / "facts.json", facts)
+    atomic_write_json(run / "report.json", {"evaluation": {"split": "test"}})
+    code = main(["eval", str(run), "--max-new-tokens", "2", "--samples", "2", "--no-capability",
+                 "--relearn", "4", "--relearn-variant", "full"])
+    assert code == 0
+    assert seen["samples"] == 2 and seen["capability"] is False and seen["noise_floor_seeds"] == 0
+    assert seen["split"] == "test" and seen["facts"]["facts"] == ["Cobb"]
+    records, kwargs = seen["attack"]
+    assert records == len(relearn.load_attack_records(concepts.dataset_path("inception_relearn.jsonl")))
+    assert kwargs["variant"] == "full" and kwargs["lr"] is None and kwargs["facts"]["facts"] == ["Cobb"]
+    printed = capsys.readouterr().out
+    assert "frozen TEST split" in printed and "best-of-2 leak" in printed and "relearning attack (full)" in printed
