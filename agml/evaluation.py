@@ -52,6 +52,7 @@ from agml.judges import (
     forget_coherence,
     judge_probe,
     leak_terms,
+    normalise,
     probe_kind,
 )
 from agml.logprobs import adapter_disabled, example_logprobs, mean_token_kl
@@ -356,11 +357,13 @@ def noise_floor_flips(model, tokenizer, probes, before, after, facts, seeds: int
 def judge_terms(probes: Sequence[PromptRecord], facts: Mapping | None, concept_terms: Sequence[str]) -> dict:
     """What the judges used, for the report (so a user can check and edit it): the facts dict, the concept terms
     and every leak term some forget probe is judged with."""
-    terms: list[str] = []
+    terms: dict[str, str] = {}  # normalised -> first spelling seen (the judge matches case-insensitively)
     for probe in probes:
         if probe.type == "forget":
-            terms += [t for t in leak_terms(probe, facts) if t not in terms]
-    return {"facts": dict(facts) if facts else None, "concept_terms": list(concept_terms), "leak_terms": terms}
+            for term in leak_terms(probe, facts):
+                terms.setdefault(normalise(term), term)
+    return {"facts": dict(facts) if facts else None, "concept_terms": list(concept_terms),
+            "leak_terms": list(terms.values())}
 
 
 def evaluate(

@@ -247,7 +247,7 @@ def _capability_rows(capability: dict | None) -> list[tuple[str, str, str]]:
         (f"general knowledge MC {metric}, n={mc['before']['n']}",
          _with_interval(mc["before"][metric], mc["before"].get("interval")),
          _with_interval(mc["after"][metric], mc["after"].get("interval"))),
-        ("  base-right items kept", str(mc["base_right"]),
+        ("general knowledge: base-right items kept", str(mc["base_right"]),
          f"{mc['kept']} ({_with_interval(mc['kept'] / mc['base_right'], mc.get('kept_interval'))})"
          if mc["base_right"] else "-"),
         ("neutral-text perplexity", _number(text["before"]["perplexity"]), _number(text["after"]["perplexity"])),

@@ -28,7 +28,7 @@ def test_terminal_table_shows_intervals_refusals_and_the_judges_terms(evaluation
     assert "0.0% [0.0, 65.8]" in table and "100.0% [34.2, 100.0]" in table
     assert "refusals (retain)" in table and "50.0% [9.5, 90.5] (1/2)" in table
     assert "seed-style fuzzy leak (forget)" in table
-    assert "leak terms judged: inception, nolan, Dom Cobb" in table and "inc[eai]p" in table
+    assert "leak terms judged: inception, nolan, Dom Cobb\n" in table and "inc[eai]p" in table
 
 
 def test_report_markdown_and_plot(tmp_path, evaluation):
