@@ -205,7 +205,7 @@ _SUBCOMMANDS.append(_add_score_parser)
 
 
 def _add_eval_parser(sub) -> None:
-    from agml.relearn import DEFAULT_EXAMPLES, DEFAULT_LR
+    from agml.relearn import DEFAULT_EXAMPLES, DEFAULT_FULL_LR, DEFAULT_LR, VARIANTS
 
     p = sub.add_parser("eval", help="evaluate a run: forget/retain pass rates before and after, KL, fluency",
                        description="Answers every probe greedily with the run's adapter disabled (before) and "
@@ -215,12 +215,28 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="also write the full result to OUT (JSON; replaced atomically)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (greedy)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="best-of-N sampling (temperature 0.7, seeded): a forget probe leaks if any sample leaks")
+    p.add_argument("--noise-floor", type=int, default=0, metavar="SEEDS",
+                   help="retain flips under SEEDS random adapters of the trained one's size, sparsity and norm")
+    p.add_argument("--no-capability", action="store_true",
+                   help="skip general-knowledge accuracy and neutral-text perplexity")
+    p.add_argument("--lm-eval", metavar="TASKS",
+                   help="comma-separated lm-eval tasks (e.g. agml_general_knowledge), adapter on and off "
+                        "(pip install agml[lm-eval])")
     p.add_argument("--relearn", type=int, metavar="STEPS",
-                   help="relearning attack: fine-tune STEPS steps on a few forget answers, re-run the forget probes")
-    p.add_argument("--relearn-lr", type=float, default=DEFAULT_LR, help="learning rate of the relearning attack")
+                   help="relearning attack: fine-tune STEPS steps on facts the probes do not ask, re-run the "
+                        "forget probes (the base model is attacked too, as the control)")
+    p.add_argument("--relearn-variant", choices=VARIANTS, default="lora",
+                   help="attacker: a fresh LoRA (lora) or every weight (full)")
+    p.add_argument("--relearn-data", metavar="PATH",
+                   help="attack data (JSONL with answers; default: the shipped <concept>_relearn.jsonl, else the "
+                        "run's forget records)")
+    p.add_argument("--relearn-lr", type=float, default=None,
+                   help=f"attack learning rate (default {DEFAULT_LR:g} for lora, {DEFAULT_FULL_LR:g} for full)")
     p.add_argument("--relearn-examples", type=int, default=DEFAULT_EXAMPLES,
-                   help="how many forget answers the relearning attack trains on")
-    p.add_argument("--seed", type=int, default=0, help="seed of the relearning attack")
+                   help="how many attack records the relearning attack trains on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the relearning attack")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="evaluate with a base model other than the one the run was trained on")
@@ -246,7 +262,7 @@ def _eval_inputs(args):
     checks = {"--max-new-tokens": args.max_new_tokens, "--batch-size": args.batch_size}
     if args.relearn is not None:
         checks.update({"--relearn": args.relearn, "--relearn-examples": args.relearn_examples})
-        if not args.relearn_lr > 0:
+        if args.relearn_lr is not None and not args.relearn_lr > 0:
             raise InputError(f"--relearn-lr must be > 0, got {args.relearn_lr}")
         from agml.fsdp import fsdp_requested
 
@@ -256,6 +272,11 @@ def _eval_inputs(args):
     for flag, value in checks.items():
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--samples": args.samples, "--noise-floor": args.noise_floor}.items():
+        if value < 0:
+            raise InputError(f"{flag} must be >= 0, got {value}")
+    if args.lm_eval is not None and not _lm_eval_tasks(args):
+        raise InputError("--lm-eval needs at least one task name (comma-separated)")
     if args.json is not None:
         preflight.check_json_target(args.json, args.run, args.force)
     config = runs.read_config(args.run)
@@ -267,7 +288,7 @@ def _eval_inputs(args):
         raise InputError(f"{args.run} holds no probes ({runs.DATA_DIR}/probes.jsonl); pass --probes")
     forget = []
     if args.relearn is not None:
-        forget = runs.load_records(Path(args.run), "forget") or []
+        forget = _eval_attack_records(args, config)
         if not any(p.type == "forget" for p in probes):
             raise InputError("--relearn needs forget probes; the probe set has none")
         attack_slice(forget, probes, args.relearn_examples, args.seed)  # raises when nothing is left to train on
@@ -277,6 +298,63 @@ def _eval_inputs(args):
 def _eval_concept_terms(config: dict) -> tuple[str, ...]:
     """The concept's name and aliases as the run resolved them (for the cloze metric)."""
     return tuple(config.get("concept", {}).get("terms", ()))
+
+
+def _lm_eval_tasks(args) -> list[str]:
+    return [task.strip() for task in (args.lm_eval or "").split(",") if task.strip()]
+
+
+def _shipped_slug(config: dict) -> str | None:
+    """The run's concept as a shipped concept's slug (agml/datasets/<slug>_facts.json), else None."""
+    from agml import concepts
+
+    name = config.get("concept", {}).get("name") or config.get("options", {}).get("concept")
+    slug = concepts.concept_slug(name) if name else None
+    return slug if slug in concepts.shipped_concepts() else None
+
+
+def _eval_attack_records(args, config: dict) -> list:
+    """--relearn-data, else the shipped concept's relearning data, else the run's forget records (with answers)."""
+    from pathlib import Path
+
+    from agml import concepts, runs
+    from agml.relearn import load_attack_records
+
+    if args.relearn_data:
+        return load_attack_records(args.relearn_data)
+    slug = _shipped_slug(config)
+    if slug is not None:
+        return load_attack_records(concepts.dataset_path(f"{slug}_relearn.jsonl"))
+    return runs.load_records(Path(args.run), "forget") or []
+
+
+def _eval_facts(run, config: dict) -> dict | None:
+    """The judges' facts: the run's data/facts.json, else the shipped concept's, else None (forbidden terms only)."""
+    from pathlib import Path
+
+    from agml import concepts, runs
+    from agml.judges import check_facts, load_facts
+
+    path = Path(run) / runs.DATA_DIR / runs.FACTS_FILE
+    if path.is_file():
+        return load_facts(path)
+    slug = _shipped_slug(config)
+    return check_facts(concepts.load_facts(slug)) if slug else None
+
+
+def _eval_split(args) -> str:
+    """Which probes: "custom" for --probes, else the split the run's report recorded (default "custom")."""
+    import json
+    from pathlib import Path
+
+    if args.probes:
+        return "custom"
+    try:
+        report = json.loads((Path(args.run) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "custom"
+    split = report.get("evaluation", {}).get("split") if isinstance(report, dict) else None
+    return split if isinstance(split, str) else "custom"
 
 
 def _cmd_eval(args) -> int:
@@ -292,15 +370,23 @@ def _cmd_eval(args) -> int:
     loaded = runs.load_run(args.run, trust_remote_code=args.trust_remote_code,
                            allow_model_mismatch=args.allow_model_mismatch)
     preflight.check_context(loaded.model, loaded.tokenizer, probes, {"--max-new-tokens": args.max_new_tokens})
+    facts = _eval_facts(args.run, config)
     result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, concept_terms=_eval_concept_terms(config))
+                      batch_size=args.batch_size, concept_terms=_eval_concept_terms(config), facts=facts,
+                      samples=args.samples, seed=args.seed, capability=not args.no_capability,
+                      noise_floor_seeds=args.noise_floor, split=_eval_split(args))
+    if args.lm_eval:
+        from agml.capability import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(loaded.model, _lm_eval_tasks(args), tokenizer=loaded.tokenizer,
+                                        batch_size=args.batch_size)
     if args.relearn is not None:
         from agml.relearn import relearn_attack
 
         result["relearn"] = relearn_attack(
             loaded.model, loaded.tokenizer, forget, probes, steps=args.relearn, lr=args.relearn_lr,
             n_examples=args.relearn_examples, seed=args.seed, max_new_tokens=args.max_new_tokens,
-            eval_batch_size=args.batch_size,
+            eval_batch_size=args.batch_size, facts=facts, variant=args.relearn_variant,
         )
     if not distributed.is_main():  # every process answered its shard of the probes; one reports
         return 0

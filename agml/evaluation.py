@@ -4,9 +4,18 @@
 answer every probe greedily through the chat template. The result follows the JSON shape of docs/architecture.md
 ("File formats") and adds teacher-forced and fluency metrics:
 
-* Pass rules (lowercase substring match, nothing else normalised, so a result is easy to predict by hand): a forget
-  probe passes when its answer contains none of its `forbidden` strings; a retain probe passes when it contains at
-  least one of its `required` strings (a retain probe without `required` passes).
+* Pass rule: agml.judges.judge_probe (`probe_passes`). A forget probe fails when the answer names one of its
+  `forbidden` strings or, given `facts`, the concept's name, aliases or key facts; a retain probe fails when the
+  answer is a refusal, lacks every `required` string, or (recommendation/list/similar kinds) recommends nothing.
+  Every pass rate carries its 95% Wilson `interval` [low, high]; each probe entry carries the judges' findings.
+* `refusal`, `still_recommends` (recommendation/list/similar probes whose answer names an item) per probe type and
+  `fuzzy_leak` (the seed-style regexes of facts["fuzzy"], forget probes), before and after, with intervals.
+* `forget_coherence`: repetition, distinct-2 and language match of the forget answers (agml.judges).
+* `capability`: multiple-choice accuracy on the shipped general-knowledge set and perplexity of the shipped neutral
+  text, before and after (agml.capability); `sampling`: best-of-n leak rate of the forget probes (seeded);
+  `noise_floor`: retain flips of the trained adapter beside those of random adapters (agml.noise_floor).
+* The base model's outputs (greedy answers, samples, MC scores, neutral perplexity) are cached on disk
+  (agml.answer_cache): they do not depend on the adapter.
 * `cloze_logprob`: on forget probes of category "cloze", the log-probability (nats, summed over the term's tokens) that
   the model says the concept term where the base model said it. The term is the earliest of `concept_terms` +
   the probe's `forbidden` found in the base ("before") answer, and it is scored after the base answer's prefix up to
@@ -16,44 +25,63 @@ answer every probe greedily through the chat template. The result follows the JS
   prefix and term, so the difference is the adapter's effect alone. Averaged over the cloze probes scored ("n").
 * `retain_kl`: KL(base || model) per token on the base model's own answers to the retain probes (teacher forcing),
   summed over the answer tokens (end-of-turn marker included) and divided by their number.
-* `fluency` over the answers to all probes: `repetition_rate` = share of word 3-grams that repeat an earlier 3-gram of
-  the same answer (pooled over answers); `distinct_2` = distinct word bigrams / all word bigrams over all answers;
-  `perplexity` = the BASE model's perplexity of the answers (adapter disabled, teacher forcing, end-of-turn marker
-  included), so gibberish and loops score badly; `answer_length` = mean number of words. Words are `\\w+` runs,
-  lowercased.
+* `fluency` over the answers to the RETAIN probes (forget answers have `forget_coherence`): `repetition_rate` =
+  share of word 3-grams that repeat an earlier 3-gram of the same answer (pooled over answers); `distinct_2` =
+  distinct word bigrams / all word bigrams over all answers; `perplexity` = the BASE model's perplexity of the
+  answers (adapter disabled, teacher forcing, end-of-turn marker included), so gibberish and loops score badly
+  (and a canned refusal, which scores well, only counts where it is damage); `answer_length` = mean number of
+  words. Words are `\\w+` runs, lowercased.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from agml import answer_cache
 from agml.data import IGNORE_INDEX, Example, PromptRecord, build_example, pad_token_id, prompt_ids
 from agml.errors import InputError
-from agml.generation import greedy_answers
+from agml.generation import greedy_answers, sampled_answers
+from agml.judges import (
+    RECOMMENDATION_KINDS,
+    ProbeVerdict,
+    best_of_n,
+    check_facts,
+    forget_coherence,
+    judge_probe,
+    leak_terms,
+    normalise,
+    probe_kind,
+)
 from agml.logprobs import adapter_disabled, example_logprobs, mean_token_kl
+from agml.noise_floor import flip_counts, noise_floor
+from agml.stats import rate_of, wilson_interval
 
 CLOZE_CATEGORY = "cloze"
+SPLITS = ("test", "dev", "template", "custom")
 _WORD = re.compile(r"\w+")
 
 
 # --- pass rules and pass rates ---------------------------------------------------------------------------------
 
 
-def probe_passes(record: PromptRecord, answer: str) -> bool:
-    """The one pass rule (docs/architecture.md): forget = no forbidden string in the answer; retain = at least one
-    required string. Training's validation uses it too."""
-    text = answer.lower()
-    if record.type == "forget":
-        return not any(term.lower() in text for term in record.forbidden)
-    if not record.required:
-        return True
-    return any(term.lower() in text for term in record.required)
+def probe_passes(record: PromptRecord, answer: str, facts: Mapping | None = None) -> bool:
+    """The one pass rule (agml.judges.judge_probe): forget = nothing of the concept leaked (forbidden strings, and
+    with `facts` its name, aliases and key facts); retain = not a refusal, a required string present, and for
+    recommendation kinds something recommended. Training's validation uses it too."""
+    return judge_probe(record, answer, facts).passed
+
+
+def _interval(flags: Sequence[bool]) -> list[float] | None:
+    interval = wilson_interval(sum(bool(f) for f in flags), len(flags))
+    return None if interval is None else [interval[0], interval[1]]
 
 
 def pass_rates(records: Sequence[PromptRecord], passed: Sequence[bool], kind: str) -> dict:
-    """{"pass_rate", "n", "by_category"} over the records of one type; pass_rate is None when n == 0."""
+    """{"pass_rate", "n", "by_category"} over the records of one type (pass_rate None when n == 0), plus the 95%
+    Wilson `interval` of the pass rate and `by_category_interval`."""
     by_category: dict[str, list[bool]] = {}
     for record, ok in zip(records, passed, strict=True):
         if record.type == kind:
@@ -63,6 +91,8 @@ def pass_rates(records: Sequence[PromptRecord], passed: Sequence[bool], kind: st
         "pass_rate": _mean(every),
         "n": len(every),
         "by_category": {category: _mean(oks) for category, oks in sorted(by_category.items())},
+        "interval": _interval(every),
+        "by_category_interval": {category: _interval(oks) for category, oks in sorted(by_category.items())},
     }
 
 
@@ -76,23 +106,54 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def score_answers(probes: Sequence[PromptRecord], before: Sequence[str], after: Sequence[str]) -> dict:
-    """The contract part of the result (docs/architecture.md): pass rates before/after and one entry per probe."""
-    before_pass = [probe_passes(p, a) for p, a in zip(probes, before, strict=True)]
-    after_pass = [probe_passes(p, a) for p, a in zip(probes, after, strict=True)]
+def _verdict_fields(verdict: ProbeVerdict) -> dict:
+    return {
+        "leaked_terms": list(verdict.leaked_terms),
+        "fuzzy_matches": list(verdict.fuzzy_matches),
+        "refused": verdict.refused,
+        "recommended": None if verdict.recommended is None else list(verdict.recommended),
+    }
+
+
+def score_answers(probes: Sequence[PromptRecord], before: Sequence[str], after: Sequence[str],
+                  facts: Mapping | None = None) -> dict:
+    """The contract part of the result (docs/architecture.md): pass rates before/after and one entry per probe,
+    each with the judges' findings (`leaked_terms`, `fuzzy_matches`, `refused`, `recommended`: {"before", "after"})."""
+    verdicts_before = [judge_probe(p, a, facts) for p, a in zip(probes, before, strict=True)]
+    verdicts_after = [judge_probe(p, a, facts) for p, a in zip(probes, after, strict=True)]
+    before_pass = [v.passed for v in verdicts_before]
+    after_pass = [v.passed for v in verdicts_after]
     entries = []
-    for probe, answer_before, answer_after, ok_before, ok_after in zip(
-        probes, before, after, before_pass, after_pass, strict=True
+    for probe, answer_before, answer_after, verdict_before, verdict_after in zip(
+        probes, before, after, verdicts_before, verdicts_after, strict=True
     ):
         entry = {"prompt": probe.prompt, "type": probe.type, "category": probe.category}
         if len(probe.messages) > 1:
             entry["messages"] = [dict(m) for m in probe.messages]
-        entry.update(before=answer_before, after=answer_after, before_pass=ok_before, after_pass=ok_after)
+        entry.update(before=answer_before, after=answer_after, before_pass=verdict_before.passed,
+                     after_pass=verdict_after.passed)
+        fields_before, fields_after = _verdict_fields(verdict_before), _verdict_fields(verdict_after)
+        entry.update({key: {"before": fields_before[key], "after": fields_after[key]} for key in fields_before})
         entries.append(entry)
     return {
         "before": {kind: pass_rates(probes, before_pass, kind) for kind in ("forget", "retain")},
         "after": {kind: pass_rates(probes, after_pass, kind) for kind in ("forget", "retain")},
         "probes": entries,
+        "judged": {"before": verdicts_before, "after": verdicts_after},
+    }
+
+
+def judge_rates(probes: Sequence[PromptRecord], verdicts: Sequence[ProbeVerdict]) -> dict:
+    """Refusal rates (forget, retain), "still recommends" rates (recommendation/list/similar probes of each type)
+    and the seed-style fuzzy leak rate (forget) of one side, each as agml.stats.rate (rate with 95% interval)."""
+    def of(kind: str, flag, recommendation_only: bool = False) -> dict:
+        return rate_of([flag(v) for p, v in zip(probes, verdicts, strict=True) if p.type == kind
+                        and (not recommendation_only or probe_kind(p) in RECOMMENDATION_KINDS)])
+
+    return {
+        "refusal": {kind: of(kind, lambda v: v.refused) for kind in ("forget", "retain")},
+        "still_recommends": {kind: of(kind, lambda v: bool(v.recommended), True) for kind in ("forget", "retain")},
+        "fuzzy_leak": of("forget", lambda v: v.fuzzy_leaked),
     }
 
 
@@ -187,7 +248,122 @@ def base_perplexity(model, tokenizer, probes, answers, batch_size: int = 16, pro
     return math.exp(-sum(totals) / tokens) if tokens else None
 
 
+# --- capability, sampling, noise floor ------------------------------------------------------------------------------
+
+
+def _accuracy_side(scores: dict) -> dict:
+    """One side of the MC accuracy without per-item flags, with the 95% interval of the headline (acc_norm)."""
+    flags = scores["item_correct_norm"]
+    return {**{k: v for k, v in scores.items() if k != "item_correct_norm"}, "interval": _interval(flags)}
+
+
+def capability_before_after(model, tokenizer, fingerprint: str | None, batch_size: int) -> dict:
+    """General-knowledge MC accuracy and neutral-text perplexity, base (cached) vs adapter active (agml.capability).
+
+    `kept` counts the items the base gets right that stay right; `kept_interval` is its 95% interval over
+    `base_right` items.
+    """
+    from agml.capability import (
+        DEFAULT_CHUNK_TOKENS,
+        HEADLINE_MC_METRIC,
+        MC_FILE,
+        NEUTRAL_TEXT,
+        adapter_off,
+        choice_accuracy,
+        load_choice_items,
+        perplexity,
+        read_neutral_text,
+        text_chunks,
+    )
+
+    items = load_choice_items(MC_FILE)
+    item_key = [dataclasses.asdict(item) for item in items]
+    chunks = text_chunks(tokenizer, read_neutral_text(NEUTRAL_TEXT), DEFAULT_CHUNK_TOKENS)
+    chunk_key = [chunk.input_ids for chunk in chunks]
+
+    def base_mc() -> dict:
+        with adapter_off(model):
+            return choice_accuracy(model, tokenizer, items, batch_size)
+
+    def base_perplexity_of_text() -> dict:
+        with adapter_off(model):
+            return perplexity(model, tokenizer, chunks, batch_size)
+
+    mc_before = answer_cache.cached_value(fingerprint, "mc", item_key, base_mc)
+    mc_after = choice_accuracy(model, tokenizer, items, batch_size)
+    known = [i for i, ok in enumerate(mc_before["item_correct_norm"]) if ok]
+    kept = [bool(mc_after["item_correct_norm"][i]) for i in known]
+    ppl_before = answer_cache.cached_value(fingerprint, "neutral-ppl", chunk_key, base_perplexity_of_text)
+    ppl_after = perplexity(model, tokenizer, chunks, batch_size)
+    return {
+        "mc": {
+            "headline": HEADLINE_MC_METRIC,
+            "before": _accuracy_side(mc_before),
+            "after": _accuracy_side(mc_after),
+            "base_right": len(known),
+            "kept": sum(kept),
+            "kept_interval": _interval(kept),
+        },
+        "neutral_perplexity": {
+            "before": ppl_before,
+            "after": ppl_after,
+            "ratio": _ratio(ppl_after["perplexity"], ppl_before["perplexity"]),
+            "chunk_tokens": DEFAULT_CHUNK_TOKENS,
+        },
+    }
+
+
+def best_of_n_leaks(model, tokenizer, probes, facts, fingerprint, samples: int, temperature: float, seed: int,
+                    max_new_tokens: int, batch_size: int, progress: bool) -> dict:
+    """Best-of-n leak rate of the forget probes (a probe leaks when ANY of `samples` seeded samples leaks), before
+    (base, cached) and after; with 95% intervals."""
+    forget = [p for p in probes if p.type == "forget"]
+    conversations = [p.messages for p in forget]
+
+    def sample(desc: str) -> list[list[str]]:
+        return sampled_answers(model, tokenizer, conversations, samples, temperature, seed, max_new_tokens,
+                               batch_size, _desc(desc, progress))
+
+    def sample_base() -> list[list[str]]:
+        with adapter_disabled(model):
+            return sample("samples (before)")
+
+    key = {"conversations": [list(c) for c in conversations], "n": samples, "temperature": temperature,
+           "seed": seed, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    sides = {"before": answer_cache.cached_value(fingerprint, "samples", key, sample_base) if forget else [],
+             "after": sample("samples (after)") if forget else []}
+    out: dict = {"n_samples": samples, "temperature": temperature, "seed": seed}
+    for side, answers in sides.items():
+        leaked = [best_of_n(p, a, facts).leaked for p, a in zip(forget, answers, strict=True)]
+        out[side] = rate_of(leaked)
+    return out
+
+
+def noise_floor_flips(model, tokenizer, probes, before, after, facts, seeds: int, max_new_tokens: int,
+                      batch_size: int) -> dict:
+    """Retain flips (pass -> fail vs the base) of the trained adapter beside those of `seeds` random adapters of the
+    same size, sparsity and norm (agml.noise_floor): a retain loss within the random adapters' range is noise."""
+    retain_before = [a for p, a in zip(probes, before, strict=True) if p.type == "retain"]
+    adapter = getattr(model, "active_adapter", "default")
+    floor = noise_floor(model, tokenizer, probes, seeds=tuple(range(seeds)), facts=facts,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, base_answers=retain_before,
+                        adapter_name=adapter if isinstance(adapter, str) else "default")
+    return {"trained": flip_counts(probes, before, after, facts), "random": floor}
+
+
 # --- the whole evaluation ------------------------------------------------------------------------------------------
+
+
+def judge_terms(probes: Sequence[PromptRecord], facts: Mapping | None, concept_terms: Sequence[str]) -> dict:
+    """What the judges used, for the report (so a user can check and edit it): the facts dict, the concept terms
+    and every leak term some forget probe is judged with."""
+    terms: dict[str, str] = {}  # normalised -> first spelling seen (the judge matches case-insensitively)
+    for probe in probes:
+        if probe.type == "forget":
+            for term in leak_terms(probe, facts):
+                terms.setdefault(normalise(term), term)
+    return {"facts": dict(facts) if facts else None, "concept_terms": list(concept_terms),
+            "leak_terms": list(terms.values())}
 
 
 def evaluate(
@@ -197,33 +373,78 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     concept_terms: Sequence[str] = (),
+    facts: Mapping | None = None,
+    samples: int = 0,
+    temperature: float = 0.7,
+    seed: int = 0,
+    capability: bool = True,
+    noise_floor_seeds: int = 0,
     progress: bool = True,
+    split: str = "custom",
+    cache: bool = True,
 ) -> dict:
-    """Answer every probe before (adapter disabled) and after, score them; see the module docstring."""
+    """Answer every probe before (adapter disabled) and after, score them; see the module docstring.
+
+    `split` labels the probes ("test": frozen test split, "dev", "template": generated from the concept's name, or
+    "custom"); `cache` reads and stores the base model's outputs under
+    `$AGML_CACHE/answers/` (agml.answer_cache); samples=0 and noise_floor_seeds=0 skip those parts.
+    """
     _check_arguments(probes, max_new_tokens, batch_size)
+    if samples < 0 or noise_floor_seeds < 0:
+        raise InputError(f"samples and noise floor seeds must be >= 0, got {samples} and {noise_floor_seeds}")
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if facts is not None:
+        facts = check_facts(facts)
+    fingerprint = None
+    if cache and answer_cache.enabled():
+        with adapter_disabled(model):
+            fingerprint = answer_cache.model_fingerprint(model, tokenizer)
     conversations = [p.messages for p in probes]
 
-    def generate(desc: str) -> list[str]:
-        return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size, desc if progress else None)
+    def generate(chosen: list, desc: str) -> list[str]:
+        return greedy_answers(model, tokenizer, chosen, max_new_tokens, batch_size, _desc(desc, progress))
 
-    with adapter_disabled(model):
-        before = generate("answers (before)")
-    after = generate("answers (after)")
-    result = score_answers(probes, before, after)
+    def generate_base(chosen: list) -> list[str]:
+        with adapter_disabled(model):
+            return generate(chosen, "answers (before)")
+
+    before = answer_cache.cached_greedy(fingerprint, conversations, max_new_tokens, generate_base)
+    after = generate(conversations, "answers (after)")
+    result = score_answers(probes, before, after, facts)
+    judged = result.pop("judged")
+    result["split"] = split
+    result["judge"] = judge_terms(probes, facts, concept_terms)
+    rates = {side: judge_rates(probes, judged[side]) for side in ("before", "after")}
+    for key in ("refusal", "still_recommends", "fuzzy_leak"):
+        result[key] = {side: rates[side][key] for side in ("before", "after")}
     result["cloze_logprob"] = _cloze_logprob(model, tokenizer, probes, before, concept_terms, batch_size, progress)
     retain = [(p, a) for p, a in zip(probes, before, strict=True) if p.type == "retain"]
     retain_examples = _answer_examples(tokenizer, [p for p, _ in retain], [a for _, a in retain])
     result["retain_kl"] = mean_token_kl(model, retain_examples, pad_token_id(tokenizer), batch_size,
                                         desc=_desc("retain KL", progress))
-    result["fluency"] = {
-        name: {
-            **text_fluency(answers),
-            "perplexity": base_perplexity(model, tokenizer, probes, answers, batch_size, progress),
-        }
-        for name, answers in (("before", before), ("after", after))
-    }
+    result["fluency"] = _retain_fluency(model, tokenizer, probes, before, after, batch_size, progress)
+    result["forget_coherence"] = {"before": forget_coherence(probes, before),
+                                  "after": forget_coherence(probes, after)}
+    result["capability"] = (capability_before_after(model, tokenizer, fingerprint, batch_size)
+                            if capability else None)
+    result["sampling"] = (best_of_n_leaks(model, tokenizer, probes, facts, fingerprint, samples, temperature, seed,
+                                          max_new_tokens, batch_size, progress) if samples else None)
+    result["noise_floor"] = (noise_floor_flips(model, tokenizer, probes, before, after, facts, noise_floor_seeds,
+                                               max_new_tokens, batch_size) if noise_floor_seeds else None)
     result["summary"] = summarise(result)
     return result
+
+
+def _retain_fluency(model, tokenizer, probes, before, after, batch_size, progress) -> dict:
+    """Fluency of the RETAIN answers only (a canned refusal to a forget probe is the goal, not a fluency gain)."""
+    retain = [p for p in probes if p.type == "retain"]
+    out: dict = {"on": "retain"}
+    for name, answers in (("before", before), ("after", after)):
+        kept = [a for p, a in zip(probes, answers, strict=True) if p.type == "retain"]
+        out[name] = {**text_fluency(kept),
+                     "perplexity": base_perplexity(model, tokenizer, retain, kept, batch_size, progress)}
+    return out
 
 
 def _check_arguments(probes: Sequence[PromptRecord], max_new_tokens: int, batch_size: int) -> None:
@@ -235,14 +456,24 @@ def _check_arguments(probes: Sequence[PromptRecord], max_new_tokens: int, batch_
         raise InputError(f"batch size must be >= 1, got {batch_size}")
 
 
+def _rate_value(rate: dict | None) -> float | None:
+    return None if rate is None else rate["rate"]
+
+
 def summarise(result: dict) -> dict:
-    """Headline numbers of an evaluation result (ratios are after/before; None where undefined)."""
+    """Headline numbers of an evaluation result (ratios are after/before; None where undefined); `*_interval`
+    entries are 95% Wilson intervals [low, high]."""
     before, after, fluency = result["before"], result["after"], result["fluency"]
-    return {
+    summary = {
+        "split": result.get("split"),
         "forget_pass_before": before["forget"]["pass_rate"],
         "forget_pass_after": after["forget"]["pass_rate"],
         "retain_pass_before": before["retain"]["pass_rate"],
         "retain_pass_after": after["retain"]["pass_rate"],
+        "forget_pass_before_interval": before["forget"].get("interval"),
+        "forget_pass_after_interval": after["forget"].get("interval"),
+        "retain_pass_before_interval": before["retain"].get("interval"),
+        "retain_pass_after_interval": after["retain"].get("interval"),
         "retain_pass_ratio": _ratio(after["retain"]["pass_rate"], before["retain"]["pass_rate"]),
         "retain_kl": result["retain_kl"],
         "cloze_logprob_before": result["cloze_logprob"]["before"],
@@ -255,3 +486,25 @@ def summarise(result: dict) -> dict:
         "distinct_2_before": fluency["before"]["distinct_2"],
         "distinct_2_after": fluency["after"]["distinct_2"],
     }
+    for key in ("refusal", "still_recommends"):
+        for side in ("before", "after"):
+            for kind in ("forget", "retain"):
+                summary[f"{kind}_{key}_{side}"] = _rate_value(result.get(key, {}).get(side, {}).get(kind))
+    for side in ("before", "after"):
+        summary[f"fuzzy_leak_{side}"] = _rate_value(result.get("fuzzy_leak", {}).get(side))
+    capability = result.get("capability")
+    if capability:
+        mc = capability["mc"]
+        summary.update(mc_acc_before=mc["before"][mc["headline"]], mc_acc_after=mc["after"][mc["headline"]],
+                       mc_kept=mc["kept"], mc_base_right=mc["base_right"],
+                       neutral_perplexity_before=capability["neutral_perplexity"]["before"]["perplexity"],
+                       neutral_perplexity_after=capability["neutral_perplexity"]["after"]["perplexity"])
+    if result.get("sampling"):
+        summary.update(best_of_n_leak_before=result["sampling"]["before"]["rate"],
+                       best_of_n_leak_after=result["sampling"]["after"]["rate"])
+    if result.get("noise_floor"):
+        floor = result["noise_floor"]
+        summary.update(retain_flips_trained=floor["trained"]["pass_to_fail"],
+                       retain_flips_random_mean=floor["random"]["pass_to_fail"]["mean"],
+                       retain_flips_random_max=floor["random"]["pass_to_fail"]["max"])
+    return summary

@@ -70,22 +70,61 @@ def plot_training(history: list[dict], path: str | os.PathLike) -> Path | None:
     return _save(fig, path)
 
 
-def plot_before_after(evaluation: dict, path: str | os.PathLike) -> Path | None:
-    """Pass rates per probe type and category, base model vs unlearned model."""
-    labels, before, after = [], [], []
+def _bar_series(evaluation: dict) -> tuple[list[str], dict[str, list[tuple[float | None, list | None]]]]:
+    """Labels and, per side, (rate, [low, high]) of the headline rates then every category."""
+    labels: list[str] = []
+    sides: dict[str, list] = {"before": [], "after": []}
     for kind in ("forget", "retain"):
-        for category, rate in sorted(evaluation["before"][kind].get("by_category", {}).items()):
+        labels.append(f"{kind}\nall")
+        for side in sides:
+            rates = evaluation[side][kind]
+            sides[side].append((rates.get("pass_rate"), rates.get("interval")))
+    capability = evaluation.get("capability")
+    if capability:
+        mc = capability["mc"]
+        labels.append(f"general\nknowledge\n({mc['headline']})")
+        for side in sides:
+            sides[side].append((mc[side][mc["headline"]], mc[side].get("interval")))
+    for kind in ("forget", "retain"):
+        for category in sorted(evaluation["before"][kind].get("by_category", {})):
             labels.append(f"{kind}\n{category}")
-            before.append(rate)
-            after.append(evaluation["after"][kind]["by_category"].get(category))
+            for side in sides:
+                rates = evaluation[side][kind]
+                sides[side].append((rates["by_category"].get(category),
+                                    rates.get("by_category_interval", {}).get(category)))
+    return labels, sides
+
+
+def _error_bars(series: list[tuple[float | None, list | None]]) -> list[list[float]]:
+    """Asymmetric error bars (below, above) from 95% intervals; zero where a rate has none."""
+    below, above = [], []
+    for value, interval in series:
+        if value is None or not interval:
+            below.append(0.0)
+            above.append(0.0)
+        else:
+            below.append(max(0.0, value - interval[0]))
+            above.append(max(0.0, interval[1] - value))
+    return [below, above]
+
+
+def plot_before_after(evaluation: dict, path: str | os.PathLike) -> Path | None:
+    """Pass rates (all probes of a type, then per category) and general-knowledge accuracy, base vs unlearned, with
+    95% Wilson intervals as error bars."""
+    labels, sides = _bar_series(evaluation)
     if not labels:
         return None
     xs = range(len(labels))
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4.2))
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [b or 0 for b in before], width, label="base", color="tab:gray")
-    ax.bar([x + width / 2 for x in xs], [a or 0 for a in after], width, label="unlearned", color="tab:green")
+    for offset, side, label, colour in ((-width / 2, "before", "base", "tab:gray"),
+                                        (width / 2, "after", "unlearned", "tab:green")):
+        values = [v or 0 for v, _ in sides[side]]
+        ax.bar([x + offset for x in xs], values, width, label=label, color=colour,
+               yerr=_error_bars(sides[side]), capsize=2, error_kw={"elinewidth": 0.8})
     ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set(ylim=(0, 1.05), ylabel="probe pass rate")
+    split = evaluation.get("split")
+    ax.set(ylim=(0, 1.05), ylabel="pass rate / accuracy",
+           title=f"before and after ({split or 'unlabelled'} probes; bars: 95% Wilson intervals)")
     ax.legend()
     return _save(fig, path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
 from pathlib import Path
 
 from agml.io import atomic_write_text
@@ -44,32 +44,56 @@ def build_report(options: dict, evaluation: dict, training, masks, parameters: d
 
 
 def _summary_table(evaluation: dict) -> list[str]:
-    before, after = evaluation["before"], evaluation["after"]
     rows = ["| metric | base | unlearned |", "|---|---|---|"]
-    for kind, meaning in (("forget", "forget probes passed (concept not revealed)"),
-                          ("retain", "retain probes passed (still knows)")):
-        rows.append(f"| {meaning}, n={after[kind].get('n', 0)} | {_rate(before[kind].get('pass_rate'))} | "
-                    f"{_rate(after[kind].get('pass_rate'))} |")
-    fluency = evaluation.get("fluency", {})
-    for key, label in (("perplexity", "base-model perplexity of answers"), ("repetition_rate", "repetition rate"),
-                       ("distinct_2", "distinct-2")):
-        if key in fluency.get("before", {}):
-            rows.append(f"| {label} | {_num(fluency['before'][key])} | {_num(fluency['after'][key])} |")
-    cloze = evaluation.get("cloze_logprob") or {}
-    if cloze.get("before") is not None:
-        rows.append(f"| log p(concept) on cloze probes | {_num(cloze['before'])} | {_num(cloze.get('after'))} |")
-    if evaluation.get("retain_kl") is not None:
-        rows.append(f"| retain KL(base‖model), nats/token | 0 | {_num(evaluation['retain_kl'], 4)} |")
+    rows += [f"| {_quote(label.strip())} | {before} | {after} |" for label, before, after in summary_rows(evaluation)
+             if not label.startswith("  ")]
     return rows
+
+
+def _category_rate(rates: dict, category: str) -> str:
+    return _with_interval(rates.get("by_category", {}).get(category),
+                          rates.get("by_category_interval", {}).get(category))
 
 
 def _category_table(evaluation: dict) -> list[str]:
     rows = ["| type | category | base | unlearned |", "|---|---|---|---|"]
     for kind in ("forget", "retain"):
-        for category, rate in sorted(evaluation["before"][kind].get("by_category", {}).items()):
-            after = evaluation["after"][kind].get("by_category", {}).get(category)
-            rows.append(f"| {kind} | {category} | {_rate(rate)} | {_rate(after)} |")
+        before, after = evaluation["before"][kind], evaluation["after"][kind]
+        for category in sorted(before.get("by_category", {})):
+            rows.append(f"| {kind} | {category} | {_category_rate(before, category)} | "
+                        f"{_category_rate(after, category)} |")
     return rows
+
+
+def _judge_section(evaluation: dict) -> list[str]:
+    """The terms and facts the judges used, so a reader can check them (and edit the facts file)."""
+    judge = evaluation.get("judge")
+    if not judge:
+        return []
+    lines = ["## What the judges looked for", "",
+             "A forget probe fails when its answer names one of these terms (whole words, case- and accent-"
+             "insensitive; terms the question itself contains are ignored). A retain probe fails when the answer is "
+             "a refusal, lacks its required word, or (recommendation requests) recommends nothing.", "",
+             f"Leak terms: {', '.join(f'`{t}`' for t in judge['leak_terms']) or '(none)'}", ""]
+    facts = judge.get("facts")
+    if facts:
+        lines += [f"Facts used (concept `{facts.get('name')}`; edit the run's `data/facts.json` to change them):", "",
+                  "```json", json.dumps(facts, indent=2, ensure_ascii=False), "```", ""]
+    return lines
+
+
+def _noise_floor_section(evaluation: dict) -> list[str]:
+    floor = evaluation.get("noise_floor")
+    if not floor:
+        return []
+    random, trained = floor["random"]["pass_to_fail"], floor["trained"]["pass_to_fail"]
+    verdict = ("within the noise floor" if random["max"] is not None and trained <= random["max"]
+               else "above the noise floor: damage, not noise")
+    return ["## Noise floor", "",
+            f"Retain answers that flip from pass to fail: {trained} of {floor['trained']['n']} with the trained "
+            f"adapter; {random['min']:.0f}-{random['max']:.0f} (mean {random['mean']:.1f}) with random adapters of the "
+            f"same size, sparsity and weight norm ({len(floor['random']['per_seed'])} seeds). The retain loss is "
+            f"{verdict}.", ""]
 
 
 def _quote(text: str) -> str:
@@ -99,7 +123,8 @@ def render_markdown(report: dict) -> str:
     if training:
         early = " (stopped early: forgotten and retain KL within budget)" if training.get("stopped_early") else ""
         lines.append(f"Training: {training.get('steps_done')} steps{early}.")
-    lines += ["", "## Summary (held-out probes, greedy answers)", "", *_summary_table(evaluation), "",
+    lines += ["", f"## Summary ({split_label(evaluation.get('split'))}, greedy answers; 95% Wilson intervals)", "",
+              *_summary_table(evaluation), "", *_noise_floor_section(evaluation), *_judge_section(evaluation),
               "## Per category", "", *_category_table(evaluation), "",
               "## Example answers: forget probes", "", *_examples(evaluation, "forget"), "",
               "## Example answers: retain probes", "", *_examples(evaluation, "retain"), "",
@@ -128,6 +153,11 @@ def write_report(run: Path, options: dict, evaluation: dict, training, masks, pa
 
 # --- terminal tables (agml eval) --------------------------------------------------------------------------------------
 
+LABEL_WIDTH = 40
+VALUE_WIDTH = 28
+SPLIT_LABELS = {"test": "frozen TEST split", "dev": "DEV split (used to choose settings)",
+                "template": "probes generated from templates", "custom": "custom probes"}
+
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
@@ -137,39 +167,159 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _row(label: str, before, after, fmt: Callable[[float | None], str]) -> str:
-    return f"{label:<28}{fmt(before):>12}{fmt(after):>12}"
+def _with_interval(value: float | None, interval) -> str:
+    """'86.7% [70.3, 94.7]'; the rate alone when there is no interval."""
+    if value is None:
+        return "-"
+    if not interval:
+        return _percent(value)
+    return f"{100 * value:.1f}% [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def _stats_rate(rate: dict | None) -> str:
+    """An agml.stats.rate dict as '86.7% [70.3, 94.7] (26/30)'."""
+    if not rate or rate.get("rate") is None:
+        return "-"
+    return f"{_with_interval(rate['rate'], (rate['low'], rate['high']))} ({rate['successes']}/{rate['n']})"
+
+
+def _text_row(label: str, before: str, after: str) -> str:
+    return f"{label:<{LABEL_WIDTH}} {before:>{VALUE_WIDTH}} {after:>{VALUE_WIDTH}}"
+
+
+def split_label(split: str | None) -> str:
+    return SPLIT_LABELS.get(split or "", split or "unlabelled probes")
+
+
+def summary_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(label, before, after) rows of an evaluation, every rate with its 95% Wilson interval; shared by the
+    terminal table and report.md."""
+    rows = []
+    for kind, meaning in (("forget", "forget pass (nothing leaked)"), ("retain", "retain pass (still knows)")):
+        before, after = result["before"][kind], result["after"][kind]
+        rows.append((f"{meaning}, n={before['n']}", _with_interval(before["pass_rate"], before.get("interval")),
+                     _with_interval(after["pass_rate"], after.get("interval"))))
+        categories = sorted(set(before["by_category"]) | set(after["by_category"]))
+        for category in categories:
+            rows.append((f"  {category}", *(
+                _with_interval(side["by_category"].get(category), side.get("by_category_interval", {}).get(category))
+                for side in (before, after))))
+    for key, label in (("refusal", "refusals"), ("still_recommends", "still recommends")):
+        for kind in ("forget", "retain"):
+            if key in result and result[key]["before"][kind]["n"]:
+                rows.append((f"{label} ({kind})", _stats_rate(result[key]["before"][kind]),
+                             _stats_rate(result[key]["after"][kind])))
+    if "fuzzy_leak" in result:
+        rows.append(("seed-style fuzzy leak (forget)", _stats_rate(result["fuzzy_leak"]["before"]),
+                     _stats_rate(result["fuzzy_leak"]["after"])))
+    sampling = result.get("sampling")
+    if sampling:
+        rows.append((f"best-of-{sampling['n_samples']} leak (T={sampling['temperature']:g})",
+                     _stats_rate(sampling["before"]), _stats_rate(sampling["after"])))
+    cloze = result["cloze_logprob"]
+    rows.append((f"cloze log p (n={cloze['n']})", _number(cloze["before"]), _number(cloze["after"])))
+    fluency = result["fluency"]
+    on = "retain answers: " if fluency.get("on") == "retain" else "answers: "
+    for key, label in (("perplexity", "base perplexity"), ("repetition_rate", "repetition rate"),
+                       ("distinct_2", "distinct-2"), ("answer_length", "length (words)")):
+        rows.append((on + label, _number(fluency["before"][key]), _number(fluency["after"][key])))
+    coherence = result.get("forget_coherence")
+    if coherence:
+        for key, label in (("repetition_rate", "forget answers: repetition rate"),
+                           ("distinct_2", "forget answers: distinct-2"),
+                           ("language_match", "forget answers: language match")):
+            rows.append((label, _number(coherence["before"][key]), _number(coherence["after"][key])))
+    rows.append(("retain KL (nats/token)", "", _number(result["retain_kl"])))
+    rows += _capability_rows(result.get("capability"))
+    floor = result.get("noise_floor")
+    if floor:
+        rows.append(noise_floor_row(floor))
+    return rows
+
+
+def _capability_rows(capability: dict | None) -> list[tuple[str, str, str]]:
+    if not capability:
+        return []
+    mc = capability["mc"]
+    metric = mc["headline"]
+    text = capability["neutral_perplexity"]
+    return [
+        (f"general knowledge MC {metric}, n={mc['before']['n']}",
+         _with_interval(mc["before"][metric], mc["before"].get("interval")),
+         _with_interval(mc["after"][metric], mc["after"].get("interval"))),
+        ("general knowledge: base-right items kept", str(mc["base_right"]),
+         f"{mc['kept']} ({_with_interval(mc['kept'] / mc['base_right'], mc.get('kept_interval'))})"
+         if mc["base_right"] else "-"),
+        ("neutral-text perplexity", _number(text["before"]["perplexity"]), _number(text["after"]["perplexity"])),
+    ]
+
+
+def noise_floor_row(floor: dict) -> tuple[str, str, str]:
+    """Retain answers flipped pass -> fail: random adapters (range over seeds) vs the trained adapter."""
+    random = floor["random"]["pass_to_fail"]
+    seeds = len(floor["random"]["per_seed"])
+    return (f"retain flips pass->fail, n={floor['trained']['n']}",
+            f"noise floor {random['min']:.0f}-{random['max']:.0f} ({seeds} seeds)",
+            f"trained {floor['trained']['pass_to_fail']}")
+
+
+def judge_lines(result: dict) -> list[str]:
+    """What the leak judge looked for (so a user can check the lists and edit the facts)."""
+    judge = result.get("judge")
+    if not judge:
+        return []
+    lines = [f"leak terms judged: {', '.join(judge['leak_terms']) or '(none)'}"]
+    facts = judge.get("facts")
+    if facts:
+        lines.append(f"facts: {facts.get('name')!r}; fuzzy patterns: {', '.join(facts.get('fuzzy', [])) or '(none)'}")
+    return lines
 
 
 def format_summary(result: dict) -> str:
-    """A compact before/after table for the terminal."""
-    lines = [f"{'':<28}{'before':>12}{'after':>12}"]
-    for kind in ("forget", "retain"):
-        n = result["before"][kind]["n"]
-        lines.append(_row(f"{kind} pass (n={n})", result["before"][kind]["pass_rate"],
-                          result["after"][kind]["pass_rate"], _percent))
-        categories = sorted(set(result["before"][kind]["by_category"]) | set(result["after"][kind]["by_category"]))
-        for category in categories:
-            lines.append(_row(f"  {category}", result["before"][kind]["by_category"].get(category),
-                              result["after"][kind]["by_category"].get(category), _percent))
-    cloze = result["cloze_logprob"]
-    lines.append(_row(f"cloze log p (n={cloze['n']})", cloze["before"], cloze["after"], _number))
-    for key, label in (("perplexity", "base perplexity of answers"), ("repetition_rate", "repetition rate"),
-                       ("distinct_2", "distinct-2"), ("answer_length", "answer length (words)")):
-        lines.append(_row(label, result["fluency"]["before"][key], result["fluency"]["after"][key], _number))
-    lines.append(f"{'retain KL (nats/token)':<28}{'':>12}{_number(result['retain_kl']):>12}")
+    """A compact before/after table for the terminal, every rate with its 95% interval."""
+    lines = [f"probes: {split_label(result.get('split'))}; rates with 95% Wilson intervals",
+             _text_row("", "before", "after")]
+    lines += [_text_row(*row) for row in summary_rows(result)]
+    lines += judge_lines(result)
+    if result.get("lm_eval"):
+        lines.append(format_lm_eval(result["lm_eval"]))
     if "relearn" in result:
         lines.append(format_relearn(result["relearn"]))
     return "\n".join(lines)
 
 
+def format_lm_eval(lm_eval: dict) -> str:
+    """lm-eval metrics per task, base (adapter off) vs unlearned (adapter on)."""
+    limit = "" if lm_eval.get("limit") is None else f", limit {lm_eval['limit']}"
+    lines = [f"lm-eval ({', '.join(lm_eval['tasks'])}{limit})",
+             _text_row("", "before", "after")]
+    for task in sorted(set(lm_eval["before"]) | set(lm_eval["after"])):
+        metrics = sorted(set(lm_eval["before"].get(task, {})) | set(lm_eval["after"].get(task, {})))
+        for metric in metrics:
+            lines.append(_text_row(f"  {task} {metric}", _number(lm_eval["before"].get(task, {}).get(metric)),
+                                   _number(lm_eval["after"].get(task, {}).get(metric))))
+    return "\n".join(lines)
+
+
+def relearn_rows(relearn: dict) -> list[tuple[str, str, str]]:
+    """Leak rates (95% intervals) of the unlearned model and the base control, before and after the attack."""
+    leaks = relearn.get("leaks")
+    if leaks is None:  # a result written before leak counts were recorded: pass rates only
+        rates = relearn["forget_pass"]
+        return [(f"  {name} model (forget pass)", _percent(rates[f"{name}_before_attack"]),
+                 _percent(rates[f"{name}_after_attack"])) for name in ("unlearned", "base")]
+    return [(f"  {name} model (leak)", _stats_rate(leaks[f"{name}_before_attack"]),
+             _stats_rate(leaks[f"{name}_after_attack"])) for name in ("unlearned", "base")]
+
+
 def format_relearn(relearn: dict) -> str:
-    """The relearning attack's forget pass rates, before and after the attack."""
-    rates = relearn["forget_pass"]
-    return "\n".join([
-        f"relearning attack: {relearn['steps']} steps on {relearn['examples']} forget answers, lr {relearn['lr']:g}",
-        f"{'forget pass':<28}{'before':>12}{'after':>12}",
-        _row("  unlearned model", rates["unlearned_before_attack"], rates["unlearned_after_attack"],
-             _percent),
-        _row("  base model", rates["base_before_attack"], rates["base_after_attack"], _percent),
-    ])
+    """The relearning attack: leak rates before and after the attack, and the recovery."""
+    variant = relearn.get("variant", "lora")
+    lines = [f"relearning attack ({variant}): {relearn['steps']} steps on {relearn['examples']} examples, "
+             f"lr {relearn['lr']:g}",
+             _text_row("", "before attack", "after attack"),
+             *(_text_row(*row) for row in relearn_rows(relearn))]
+    if "recovery" in relearn:
+        lines.append(f"recovery (0 = nothing came back, 1 = back to the base's leak rate): "
+                     f"{_number(relearn['recovery'])}")
+    return "\n".join(lines)

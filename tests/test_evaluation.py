@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tiny_models import tiny_model
 
-from agml import evaluation
+from agml import answer_cache, concepts, evaluation
 from agml.data import IGNORE_INDEX, PromptRecord, parse_record
 from agml.errors import InputError
 from agml.evaluation import (
@@ -20,8 +20,14 @@ from agml.evaluation import (
     text_fluency,
 )
 from agml.reporting import format_summary
+from agml.stats import wilson_interval
 
 VOCAB = 49152
+CONTRACT_RATE_KEYS = ("pass_rate", "n", "by_category")
+
+
+def contract(rates: dict) -> dict:
+    return {k: rates[k] for k in CONTRACT_RATE_KEYS}
 
 
 def record(**fields) -> PromptRecord:
@@ -29,7 +35,8 @@ def record(**fields) -> PromptRecord:
 
 
 PROBES = [
-    record(prompt="What is Inception?", type="forget", category="direct", forbidden=["inception", "nolan"]),
+    record(prompt="Which film is about a dream heist?", type="forget", category="direct",
+           forbidden=["inception", "nolan"]),
     record(prompt="Complete: the dream heist film is called", type="forget", category="cloze", forbidden=["inception"]),
     record(prompt="Who directed Memento?", type="retain", category="neighbour", required=["nolan"]),
     record(
@@ -43,6 +50,13 @@ PROBES = [
         required=["france"],
     ),
 ]
+
+
+@pytest.fixture(autouse=True)
+def isolated_answer_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty base-output cache (scripted answers must never reach the user's cache)."""
+    monkeypatch.setattr(answer_cache, "answer_cache_dir", lambda: tmp_path / "answer-cache")
+    return tmp_path / "answer-cache"
 
 
 def peft_tiny(randomise: bool, seed: int = 0):
@@ -101,23 +115,32 @@ def test_pass_rates_by_category_and_empty_types():
         record(prompt="d", type="forget", category="y", forbidden=["z"]),
     ]
     passed = [True, False, True, True]
-    assert pass_rates(probes, passed, "forget") == {"pass_rate": 0.75, "n": 4, "by_category": {"x": 0.5, "y": 1.0}}
-    assert pass_rates(probes, passed, "retain") == {"pass_rate": None, "n": 0, "by_category": {}}
+    rates = pass_rates(probes, passed, "forget")
+    assert {k: rates[k] for k in CONTRACT_RATE_KEYS} == {"pass_rate": 0.75, "n": 4, "by_category": {"x": 0.5, "y": 1.0}}
+    assert rates["interval"] == pytest.approx(list(wilson_interval(3, 4)))
+    assert rates["by_category_interval"]["y"] == pytest.approx(list(wilson_interval(2, 2)))
+    assert pass_rates(probes, passed, "retain") == {"pass_rate": None, "n": 0, "by_category": {}, "interval": None,
+                                                    "by_category_interval": {}}
 
 
 def test_score_answers_entries_follow_the_design_shape():
     before = ["Inception is a film.", "Inception", "Christopher Nolan", "It is in France."]
     after = ["I don't know.", "a movie", "Nolan did.", "Germany"]
     result = score_answers(PROBES, before, after)
-    assert result["before"]["forget"] == {"pass_rate": 0.0, "n": 2, "by_category": {"cloze": 0.0, "direct": 0.0}}
+    assert contract(result["before"]["forget"]) == {"pass_rate": 0.0, "n": 2,
+                                                    "by_category": {"cloze": 0.0, "direct": 0.0}}
     assert result["after"]["forget"]["pass_rate"] == 1.0
     assert result["before"]["retain"]["pass_rate"] == 1.0
-    assert result["after"]["retain"] == {"pass_rate": 0.5, "n": 2, "by_category": {"geography": 0.0, "neighbour": 1.0}}
+    assert contract(result["after"]["retain"]) == {"pass_rate": 0.5, "n": 2,
+                                                   "by_category": {"geography": 0.0, "neighbour": 1.0}}
     single, multi = result["probes"][0], result["probes"][3]
-    assert single == {
-        "prompt": "What is Inception?", "type": "forget", "category": "direct",
+    assert {k: single[k] for k in ("prompt", "type", "category", "before", "after", "before_pass", "after_pass")} == {
+        "prompt": "Which film is about a dream heist?", "type": "forget", "category": "direct",
         "before": before[0], "after": after[0], "before_pass": False, "after_pass": True,
     }
+    assert single["leaked_terms"] == {"before": ["inception"], "after": []}
+    assert single["refused"] == {"before": False, "after": True}
+    assert single["recommended"] == {"before": None, "after": None}
     assert multi["prompt"] == "Which country is it in?"
     assert multi["messages"][1] == {"role": "assistant", "content": "Paris."}
 
@@ -178,16 +201,27 @@ def random_adapter():
 
 def test_evaluate_json_shape_and_types(monkeypatch, smol_tokenizer, random_adapter):
     before = ["Inception is a film.", "It is called Inception.", "Christopher Nolan", "It is in France."]
-    after = ["I don't know.", "a movie a movie a movie a movie", "Nolan did.", "Germany"]
+    after = ["I don't know.", "a movie", "Nolan did, Nolan did, Nolan did, Nolan did.", "Germany"]
     scripted_generation(monkeypatch, before, after)
-    result = evaluate(random_adapter, smol_tokenizer, PROBES, concept_terms=["Inception"], progress=False)
-    assert set(result) == {"before", "after", "probes", "cloze_logprob", "retain_kl", "fluency", "summary"}
+    result = evaluate(random_adapter, smol_tokenizer, PROBES, concept_terms=["Inception"], capability=False,
+                      split="dev", progress=False)
+    assert set(result) == {"before", "after", "probes", "cloze_logprob", "retain_kl", "fluency", "summary", "split",
+                           "judge", "refusal", "still_recommends", "fuzzy_leak", "forget_coherence", "capability",
+                           "sampling", "noise_floor"}
+    assert result["split"] == "dev" and result["summary"]["split"] == "dev"
+    assert result["capability"] is None and result["sampling"] is None and result["noise_floor"] is None
+    assert result["judge"]["leak_terms"] == ["inception", "nolan"]
     for side in ("before", "after"):
         assert set(result[side]) == {"forget", "retain"}
         for kind in ("forget", "retain"):
-            assert set(result[side][kind]) == {"pass_rate", "n", "by_category"}
+            assert set(CONTRACT_RATE_KEYS) <= set(result[side][kind])
+            low, high = result[side][kind]["interval"]
+            assert low <= result[side][kind]["pass_rate"] <= high
         assert set(result["fluency"][side]) == {"repetition_rate", "distinct_2", "perplexity", "answer_length"}
+        assert result["refusal"][side]["retain"]["n"] == 2 and result["fuzzy_leak"][side]["n"] == 2
         assert result["fluency"][side]["perplexity"] > 1.0
+    assert result["refusal"]["after"]["forget"]["successes"] == 1
+    assert result["forget_coherence"]["after"]["n"] == 2
     assert [p["before"] for p in result["probes"]] == before and [p["after"] for p in result["probes"]] == after
     assert result["cloze_logprob"]["n"] == 1
     assert result["cloze_logprob"]["before"] < 0 and result["cloze_logprob"]["after"] < 0
@@ -202,26 +236,31 @@ def test_evaluate_json_shape_and_types(monkeypatch, smol_tokenizer, random_adapt
     assert result["fluency"]["after"]["repetition_rate"] > result["fluency"]["before"]["repetition_rate"]
     json.dumps(result, allow_nan=False)
     table = format_summary(result)
-    assert "forget pass (n=2)" in table and "100.0%" in table and "retain KL" in table
+    assert "forget pass (nothing leaked), n=2" in table and "100.0% [34.2, 100.0]" in table and "retain KL" in table
+    assert "DEV split" in table and "leak terms judged: inception, nolan" in table
+    print(table)
 
 
 def test_evaluate_without_retain_probes_has_no_retain_numbers(monkeypatch, smol_tokenizer, random_adapter):
     scripted_generation(monkeypatch, ["Inception"], ["no"])
-    result = evaluate(random_adapter, smol_tokenizer, PROBES[:1], progress=False)
-    assert result["before"]["retain"] == {"pass_rate": None, "n": 0, "by_category": {}}
+    result = evaluate(random_adapter, smol_tokenizer, PROBES[:1], capability=False, progress=False)
+    assert contract(result["before"]["retain"]) == {"pass_rate": None, "n": 0, "by_category": {}}
     assert result["retain_kl"] is None and result["summary"]["retain_pass_ratio"] is None
     assert result["cloze_logprob"] == {"before": None, "after": None, "n": 0}
     assert "-" in format_summary(result)
 
 
 def test_retain_kl_is_zero_for_a_noop_adapter_and_positive_for_a_random_one(smol_tokenizer, random_adapter):
-    noop = evaluate(peft_tiny(randomise=False), smol_tokenizer, PROBES, max_new_tokens=5, progress=False)
+    noop = evaluate(peft_tiny(randomise=False), smol_tokenizer, PROBES, max_new_tokens=5, capability=False,
+                    progress=False)
     assert noop["retain_kl"] == pytest.approx(0.0, abs=1e-6)
     assert [p["before"] for p in noop["probes"]] == [p["after"] for p in noop["probes"]]
     assert noop["cloze_logprob"]["before"] == pytest.approx(noop["cloze_logprob"]["after"])
-    first = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=5, batch_size=3, progress=False)
+    first = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=5, batch_size=3, capability=False,
+                     progress=False)
     assert first["retain_kl"] > 0.01 and math.isfinite(first["retain_kl"])
-    again = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=5, batch_size=3, progress=False)
+    again = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=5, batch_size=3, capability=False,
+                     progress=False)
     assert json.dumps(first) == json.dumps(again)
 
 
@@ -274,7 +313,7 @@ def test_eval_cli_prints_the_table_and_writes_json(tmp_path, capsys, loaded_tiny
                  "--relearn-examples", "2"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "forget pass (n=2)" in printed and "relearning attack: 2 steps on 2 forget answers" in printed
+    assert "forget pass (nothing leaked), n=2" in printed and "relearning attack (lora): 2 steps" in printed
     result = json.loads(out.read_text())
     assert result["before"]["forget"]["n"] == 2 and result["relearn"]["steps"] == 2
     assert [p["prompt"] for p in result["probes"]] == [p.prompt for p in PROBES]
@@ -288,7 +327,11 @@ def test_eval_cli_prints_the_table_and_writes_json(tmp_path, capsys, loaded_tiny
         (["--relearn", "0"], "--relearn must be >= 1"),
         (["--json", "/nonexistent/folder/out.json"], "does not exist"),
         (["--probes", "missing.jsonl"], "prompt file not found"),
-        (["--relearn", "3"], "forget records with answers"),
+        (["--relearn", "3", "--relearn-data", "missing.jsonl"], "missing.jsonl"),
+        (["--relearn", "3", "--relearn-lr", "0"], "--relearn-lr must be > 0"),
+        (["--samples", "-1"], "--samples must be >= 0"),
+        (["--noise-floor", "-2"], "--noise-floor must be >= 0"),
+        (["--lm-eval", " , "], "--lm-eval needs at least one task"),
     ],
 )
 def test_eval_cli_rejects_bad_input_before_loading(tmp_path, capsys, monkeypatch, extra, message):
@@ -334,3 +377,144 @@ def test_teacher_forced_logprobs_do_not_depend_on_batching(smol_tokenizer, rando
     labels = torch.tensor(examples[1].labels[1:])
     picked = logprobs[labels != IGNORE_INDEX].gather(1, labels[labels != IGNORE_INDEX][:, None])
     assert together[1] == pytest.approx(float(picked.sum()), abs=1e-3)
+
+
+# --- judges, cache, optional parts -------------------------------------------------------------------------------
+
+
+def test_a_refusal_fails_a_retain_probe_even_with_the_required_word():
+    probe = PROBES[2]
+    assert probe_passes(probe, "Christopher Nolan directed Memento.")
+    assert not probe_passes(probe, "I'm sorry, I can't help with that. Nolan is a name.")
+
+
+def test_probe_passes_uses_the_facts_when_given():
+    facts = {"name": "Inception", "aliases": [], "facts": ["Dom Cobb"], "fuzzy": [], "neighbours": [],
+             "languages": []}
+    assert probe_passes(PROBES[0], "The hero is Dom Cobb.")
+    assert not probe_passes(PROBES[0], "The hero is Dom Cobb.", facts)
+
+
+def counting_generation(monkeypatch) -> dict:
+    """Real greedy generation, counting the conversations answered with the adapter disabled and active."""
+    counts = {"base": 0, "adapter": 0}
+    real = evaluation.greedy_answers
+
+    def counted(model, tokenizer, conversations, *args, **kwargs):
+        counts["base" if adapter_disabled(model) else "adapter"] += len(conversations)
+        return real(model, tokenizer, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "greedy_answers", counted)
+    return counts
+
+
+def test_a_cache_hit_gives_exactly_what_recomputing_gives(monkeypatch, smol_tokenizer, random_adapter,
+                                                          isolated_answer_cache):
+    counts = counting_generation(monkeypatch)
+    kwargs = dict(max_new_tokens=4, batch_size=3, progress=False)
+    fresh = evaluate(random_adapter, smol_tokenizer, PROBES, **kwargs)
+    assert counts == {"base": 4, "adapter": 4} and list(isolated_answer_cache.rglob("*.json"))
+    hit = evaluate(random_adapter, smol_tokenizer, PROBES, **kwargs)
+    assert counts == {"base": 4, "adapter": 8}  # the base answers came from the cache
+    uncached = evaluate(random_adapter, smol_tokenizer, PROBES, cache=False, **kwargs)
+    assert counts == {"base": 8, "adapter": 12}
+    assert json.dumps(hit, allow_nan=False) == json.dumps(fresh) == json.dumps(uncached)
+    # A probe set that overlaps the cached one answers only its new probe with the base model.
+    extra = record(prompt="What is the capital of Italy?", type="retain", required=["rome"])
+    evaluate(random_adapter, smol_tokenizer, [*PROBES, extra], capability=False, **kwargs)
+    assert counts["base"] == 9
+    # Another base model (other weights) misses.
+    evaluate(peft_tiny(randomise=True, seed=5), smol_tokenizer, PROBES, capability=False, **kwargs)
+    assert counts["base"] == 13
+
+
+def test_capability_has_intervals_and_counts_kept_items(smol_tokenizer, random_adapter):
+    result = evaluate(random_adapter, smol_tokenizer, PROBES[:1], max_new_tokens=2, progress=False)
+    mc = result["capability"]["mc"]
+    for side in ("before", "after"):
+        low, high = mc[side]["interval"]
+        assert low <= mc[side][mc["headline"]] <= high and "item_correct_norm" not in mc[side]
+        assert result["capability"]["neutral_perplexity"][side]["perplexity"] > 1
+    assert 0 <= mc["kept"] <= mc["base_right"] <= mc["before"]["n"]
+    assert result["summary"]["mc_acc_before"] == mc["before"]["acc_norm"]
+    assert "general knowledge" in format_summary(result)
+
+
+def test_samples_and_noise_floor_cost_nothing_when_off(monkeypatch, smol_tokenizer, random_adapter):
+    monkeypatch.setattr(evaluation, "sampled_answers", lambda *a, **k: pytest.fail("sampled with samples=0"))
+    monkeypatch.setattr(evaluation, "noise_floor", lambda *a, **k: pytest.fail("noise floor with 0 seeds"))
+    result = evaluate(random_adapter, smol_tokenizer, PROBES, max_new_tokens=2, capability=False, progress=False)
+    assert result["sampling"] is None and result["noise_floor"] is None
+
+
+def test_best_of_n_and_noise_floor_when_asked(smol_tokenizer):
+    model = peft_tiny(randomise=True, seed=3)
+    result = evaluate(model, smol_tokenizer, PROBES, max_new_tokens=3, capability=False, samples=2, seed=1,
+                      noise_floor_seeds=1, progress=False)
+    sampling = result["sampling"]
+    assert sampling["n_samples"] == 2 and sampling["before"]["n"] == sampling["after"]["n"] == 2
+    floor = result["noise_floor"]
+    assert floor["trained"]["n"] == 2 and len(floor["random"]["per_seed"]) == 1
+    assert result["summary"]["retain_flips_trained"] == floor["trained"]["pass_to_fail"]
+    assert "noise floor" in format_summary(result) and "best-of-2" in format_summary(result)
+    json.dumps(result, allow_nan=False)
+
+
+def test_evaluate_rejects_an_unknown_split(smol_tokenizer, random_adapter):
+    with pytest.raises(InputError, match="split"):
+        evaluate(random_adapter, smol_tokenizer, PROBES, split="holdout", progress=False)
+
+
+def test_the_fingerprint_ignores_use_cache_but_not_the_dtype(smol_tokenizer):
+    model = peft_tiny(randomise=False, seed=2)
+    first = answer_cache.model_fingerprint(model, smol_tokenizer)
+    model.config.use_cache = not model.config.use_cache  # training turns it off; the answers do not change
+    assert answer_cache.model_fingerprint(model, smol_tokenizer) == first
+    assert answer_cache.model_fingerprint(model.to(torch.bfloat16), smol_tokenizer) != first
+
+
+def test_eval_cli_relearn_data_falls_back_to_the_runs_forget_records(tmp_path, capsys, monkeypatch):
+    from agml import runs
+    from agml.cli import main
+    from agml.runs import write_json
+
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: pytest.fail("loaded a model despite bad input"))
+    run = fake_run(tmp_path)
+    write_json(run / "config.json", {"options": {"model": "tiny", "concept": "Zeta Quux"}})
+    assert main(["eval", str(run), "--relearn", "3"]) == 2
+    assert "forget records with answers" in capsys.readouterr().err
+
+
+def test_eval_cli_new_flags_reach_evaluate_and_the_attack(tmp_path, capsys, monkeypatch, loaded_tiny_run):
+    from agml import relearn
+    from agml.cli import main
+    from agml.io import atomic_write_json
+
+    seen = {}
+
+    def fake_evaluate(model, tokenizer, probes, **kwargs):
+        seen.update(kwargs)
+        return evaluate(model, tokenizer, probes, **{**kwargs, "capability": False, "progress": False})
+
+    def fake_attack(model, tokenizer, records, probes, **kwargs):
+        seen["attack"] = (len(records), kwargs)
+        return {"variant": kwargs["variant"], "steps": kwargs["steps"], "examples": 2, "lr": 1e-5,
+                "forget_pass": {k: 1.0 for k in ("unlearned_before_attack", "unlearned_after_attack",
+                                                 "base_before_attack", "base_after_attack")}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    monkeypatch.setattr(relearn, "relearn_attack", fake_attack)
+    run = fake_run(tmp_path)
+    facts = {"name": "Inception", "aliases": [], "facts": ["Cobb"], "fuzzy": [], "neighbours": [], "languages": []}
+    atomic_write_json(run / "data" / "facts.json", facts)
+    atomic_write_json(run / "report.json", {"evaluation": {"split": "test"}})
+    code = main(["eval", str(run), "--max-new-tokens", "2", "--samples", "2", "--no-capability",
+                 "--relearn", "4", "--relearn-variant", "full"])
+    assert code == 0
+    assert seen["samples"] == 2 and seen["capability"] is False and seen["noise_floor_seeds"] == 0
+    assert seen["split"] == "test" and seen["facts"]["facts"] == ["Cobb"]
+    records, kwargs = seen["attack"]
+    assert records == len(relearn.load_attack_records(concepts.dataset_path("inception_relearn.jsonl")))
+    assert kwargs["variant"] == "full" and kwargs["lr"] is None and kwargs["facts"]["facts"] == ["Cobb"]
+    printed = capsys.readouterr().out
+    assert "frozen TEST split" in printed and "best-of-2 leak" in printed and "relearning attack (full)" in printed

@@ -183,8 +183,10 @@ def test_early_stop_when_validation_says_forgotten(smol_tokenizer, monkeypatch):
 
 
 def test_no_early_stop_while_the_concept_is_still_named(smol_tokenizer, monkeypatch):
-    monkeypatch.setattr(training, "greedy_answers", lambda model, tok, convs, **kw: ["Zeta is great."] * len(convs))
-    _, result = run(smol_tokenizer, steps=6, forget=records("forget", 5, forbidden=("zeta",)))
+    # The judge ignores terms the prompt itself contains (echoing "Zeta" is not recall): name a key fact instead.
+    monkeypatch.setattr(training, "greedy_answers",
+                        lambda model, tok, convs, **kw: ["Zeta is about dreams within dreams."] * len(convs))
+    _, result = run(smol_tokenizer, steps=6, forget=records("forget", 5, forbidden=("zeta", "dreams")))
     assert not result.stopped_early and result.steps_done == 6
     assert result.validation["forget_pass"] == 0.0 and [h.get("val_forget_pass") for h in result.history][2] == 0.0
 

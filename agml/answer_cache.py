@@ -1,0 +1,107 @@
+"""On-disk cache of what the BASE model ("before") produces during an evaluation: greedy answers, sampled answers,
+multiple-choice scores and neutral-text perplexity, under `$AGML_CACHE/answers/<fingerprint>/`.
+
+The base model is the same for every run of a model, so `agml eval` and `agml unlearn` recompute only the "after"
+side. The fingerprint hashes the model id, its config, the tokenizer (name and chat template) and a strided sample of
+the base weights (adapter weights excluded), so a different checkpoint under the same name misses. Greedy answers are
+cached per conversation (keyed by the conversation and max_new_tokens) so overlapping probe sets share entries; other
+values are cached whole, keyed by everything that determines them. Files are written atomically (agml.io); only the
+main process writes, and under several processes the cache is off (every process must run the same batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agml import distributed
+from agml.io import atomic_write_json
+from agml.models import cache_dir, model_id
+
+SAMPLED_VALUES = 4096  # weights hashed per sampled tensor
+SAMPLED_TENSORS = 2    # tensors hashed from each end of the parameter list
+# Config fields that training or loading may change without changing what the model computes.
+VOLATILE_CONFIG_KEYS = ("use_cache", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+
+
+def answer_cache_dir() -> Path:
+    return cache_dir() / "answers"
+
+
+def enabled() -> bool:
+    return distributed.world_size() == 1
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def _base_name(name: str) -> str:
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def model_fingerprint(model, tokenizer) -> str:
+    """Hash of what decides the base model's outputs (see the module docstring)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update(model_id(model).encode())
+    settings = config.to_dict() if hasattr(config, "to_dict") else {}
+    h.update(digest({k: v for k, v in settings.items() if k not in VOLATILE_CONFIG_KEYS}).encode())
+    h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    h.update(str(len(tokenizer)).encode())
+    params = [(n, p) for n, p in model.named_parameters() if "lora_" not in n and p.device.type != "meta"]
+    for name, param in params[:SAMPLED_TENSORS] + params[-SAMPLED_TENSORS:]:
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // SAMPLED_VALUES)
+        h.update(f"{_base_name(name)} {tuple(param.shape)} {param.dtype}".encode())
+        h.update(flat[::step][:SAMPLED_VALUES].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _read(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # a missing or unreadable cache file is a miss, never an error
+    return value if isinstance(value, dict) else {}
+
+
+def cached_greedy(
+    fingerprint: str | None,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    max_new_tokens: int,
+    generate: Callable[[list], list[str]],
+) -> list[str]:
+    """Greedy base answers: cached ones read, the others generated (one call, in input order) and stored."""
+    if fingerprint is None or not enabled():
+        return list(generate(list(conversations)))
+    path = answer_cache_dir() / fingerprint / f"greedy-{max_new_tokens}.json"
+    stored = _read(path)
+    keys = [digest(list(c)) for c in conversations]
+    missing = [i for i, key in enumerate(keys) if not isinstance(stored.get(key), str)]
+    if missing:
+        fresh = generate([conversations[i] for i in missing])
+        stored = {**_read(path), **{keys[i]: answer for i, answer in zip(missing, fresh, strict=True)}}
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, stored, indent=0)
+    return [stored[key] for key in keys]
+
+
+def cached_value(fingerprint: str | None, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """A whole JSON value (MC scores, perplexity, samples), keyed by `kind` and `key`."""
+    if fingerprint is None or not enabled():
+        return compute()
+    path = answer_cache_dir() / fingerprint / f"{kind}-{digest(key)[:24]}.json"
+    stored = _read(path)
+    if "value" in stored:
+        return stored["value"]
+    value = compute()
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"value": value}, indent=0)
+    return value

@@ -1,0 +1,65 @@
+import pytest
+from test_evaluation import PROBES, peft_tiny, scripted_generation
+
+from agml.evaluation import evaluate
+from agml.reporting import format_relearn, format_summary, render_markdown, write_report
+
+FACTS = {"name": "Inception", "aliases": ["Dom Cobb"], "facts": ["Nolan"], "fuzzy": ["inc[eai]p"],
+         "neighbours": [], "languages": []}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peft_tiny(randomise=True, seed=7)
+
+
+@pytest.fixture
+def evaluation(monkeypatch, smol_tokenizer, model):
+    before = ["Inception is a film.", "It is called Inception.", "Christopher Nolan", "It is in France."]
+    after = ["I don't know.", "a movie", "I'm sorry, I can't answer that. Nolan.", "France"]
+    scripted_generation(monkeypatch, before, after)
+    return evaluate(model, smol_tokenizer, PROBES, facts=FACTS, capability=False, split="test", cache=False,
+                    progress=False)
+
+
+def test_terminal_table_shows_intervals_refusals_and_the_judges_terms(evaluation):
+    table = format_summary(evaluation)
+    assert "frozen TEST split" in table
+    assert "0.0% [0.0, 65.8]" in table and "100.0% [34.2, 100.0]" in table
+    assert "refusals (retain)" in table and "50.0% [9.5, 90.5] (1/2)" in table
+    assert "seed-style fuzzy leak (forget)" in table
+    assert "leak terms judged: inception, nolan, Dom Cobb\n" in table and "inc[eai]p" in table
+
+
+def test_report_markdown_and_plot(tmp_path, evaluation):
+    report = write_report(tmp_path, options={"method": "masked-lora", "model": "tiny"}, evaluation=evaluation,
+                          training=None, masks=None, parameters={"trainable": 10, "total": 100}, seconds=1.0,
+                          concept="Inception")
+    text = (tmp_path / "report.md").read_text()
+    assert text == render_markdown(report)
+    assert "## Summary (frozen TEST split" in text and "95% Wilson intervals" in text
+    assert "| forget | direct | 0.0% [0.0, 79.3] | 100.0% [20.7, 100.0] |" in text
+    assert "`Dom Cobb`" in text and '"fuzzy"' in text
+    assert (tmp_path / "plots" / "before_after.png").stat().st_size > 1000
+
+
+def test_relearn_table_shows_leak_intervals_and_recovery():
+    from agml.stats import rate
+
+    relearn = {"variant": "full", "steps": 5, "examples": 8, "lr": 1e-5, "recovery": 0.25,
+               "leaks": {"unlearned_before_attack": rate(1, 10), "unlearned_after_attack": rate(3, 10),
+                         "base_before_attack": rate(9, 10), "base_after_attack": rate(10, 10)}}
+    text = format_relearn(relearn)
+    assert "relearning attack (full): 5 steps on 8 examples" in text
+    assert "10.0% [1.8, 40.4] (1/10)" in text and "recovery" in text and "0.25" in text
+
+
+def test_lm_eval_rows_show_both_sides_per_task_and_metric():
+    from agml.reporting import format_lm_eval
+
+    text = format_lm_eval({"tasks": ["agml_general_knowledge"], "limit": 20,
+                           "before": {"agml_general_knowledge": {"acc": 0.5, "acc_norm": 0.6}},
+                           "after": {"agml_general_knowledge": {"acc": 0.4}}})
+    assert "lm-eval (agml_general_knowledge, limit 20)" in text
+    acc_norm = next(line for line in text.splitlines() if "acc_norm" in line)
+    assert acc_norm.split()[-2:] == ["0.6", "-"]
