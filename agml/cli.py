@@ -304,15 +304,6 @@ def _lm_eval_tasks(args) -> list[str]:
     return [task.strip() for task in (args.lm_eval or "").split(",") if task.strip()]
 
 
-def _shipped_slug(config: dict) -> str | None:
-    """The run's concept as a shipped concept's slug (agml/datasets/<slug>_facts.json), else None."""
-    from agml import concepts
-
-    name = config.get("concept", {}).get("name") or config.get("options", {}).get("concept")
-    slug = concepts.concept_slug(name) if name else None
-    return slug if slug in concepts.shipped_concepts() else None
-
-
 def _eval_attack_records(args, config: dict) -> list:
     """--relearn-data, else the shipped concept's relearning data, else the run's forget records (with answers)."""
     from pathlib import Path
@@ -322,24 +313,10 @@ def _eval_attack_records(args, config: dict) -> list:
 
     if args.relearn_data:
         return load_attack_records(args.relearn_data)
-    slug = _shipped_slug(config)
+    slug = runs.shipped_slug(config)
     if slug is not None:
         return load_attack_records(concepts.dataset_path(f"{slug}_relearn.jsonl"))
     return runs.load_records(Path(args.run), "forget") or []
-
-
-def _eval_facts(run, config: dict) -> dict | None:
-    """The judges' facts: the run's data/facts.json, else the shipped concept's, else None (forbidden terms only)."""
-    from pathlib import Path
-
-    from agml import concepts, runs
-    from agml.judges import check_facts, load_facts
-
-    path = Path(run) / runs.DATA_DIR / runs.FACTS_FILE
-    if path.is_file():
-        return load_facts(path)
-    slug = _shipped_slug(config)
-    return check_facts(concepts.load_facts(slug)) if slug else None
 
 
 def _eval_split(args) -> str:
@@ -370,7 +347,7 @@ def _cmd_eval(args) -> int:
     loaded = runs.load_run(args.run, trust_remote_code=args.trust_remote_code,
                            allow_model_mismatch=args.allow_model_mismatch)
     preflight.check_context(loaded.model, loaded.tokenizer, probes, {"--max-new-tokens": args.max_new_tokens})
-    facts = _eval_facts(args.run, config)
+    facts = runs.run_facts(args.run, config)
     result = evaluate(loaded.model, loaded.tokenizer, probes, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, concept_terms=_eval_concept_terms(config), facts=facts,
                       samples=args.samples, seed=args.seed, capability=not args.no_capability,

@@ -496,10 +496,10 @@ def llama_cpp_answers(path: str | os.PathLike, tokenizer, conversations: Sequenc
     return answers
 
 
-def _rates(probes, answers: Sequence[str]) -> dict:
+def _rates(probes, answers: Sequence[str], facts: dict | None) -> dict:
     from agml.evaluation import pass_rates, probe_passes
 
-    passed = [probe_passes(p, a) for p, a in zip(probes, answers, strict=True)]
+    passed = [probe_passes(p, a, facts) for p, a in zip(probes, answers, strict=True)]
     return {kind: pass_rates(probes, passed, kind)["pass_rate"] for kind in ("forget", "retain")}
 
 
@@ -530,7 +530,7 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
     """
     from agml.generation import greedy_answers
     from agml.models import load_model
-    from agml.runs import load_run
+    from agml.runs import load_run, run_facts
 
     qtypes = [qtypes] if isinstance(qtypes, str) else list(qtypes)
     unknown = [t for t in qtypes if t not in EVAL_TYPES]
@@ -547,6 +547,7 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
     if not probes:
         raise InputError(f"{run} holds no probes; pass --probes")
     tokenizer, options = loaded.tokenizer, loaded.config["options"]
+    facts = run_facts(run, loaded.config)
     pre = source_tokenizer_pre(options["model"])
     conversations = [p.messages for p in probes]
     answers: dict[str, list[str]] = {}
@@ -571,10 +572,10 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
             if unmerged and qtype != "f16":  # f16 has no blocks to round an update away; the row would only cost time
                 runtime = GgufRuntime(base_files[qtype], tokenizer, backend, adapter)
                 answers[f"{qtype}+adapter"] = runtime.answers(conversations, max_new_tokens, batch_size)
-    unquantized = _rates(probes, reference)
+    unquantized = _rates(probes, reference, facts)
     rows = {}
     for label, texts in answers.items():
-        rates = _rates(probes, texts)
+        rates = _rates(probes, texts, facts)
         rows[label] = {
             "pass_rate": rates,
             "change": {k: _difference(rates[k], unquantized[k]) for k in rates},

@@ -74,6 +74,27 @@ def read_config(run: str | os.PathLike) -> dict:
         raise InputError(f"{path} is not valid JSON ({err.msg})") from err
 
 
+def shipped_slug(config: dict) -> str | None:
+    """The run's concept as a shipped concept's slug (agml/datasets/<slug>_facts.json), else None."""
+    from agml import concepts
+
+    name = config.get("concept", {}).get("name") or config.get("options", {}).get("concept")
+    slug = concepts.concept_slug(name) if name else None
+    return slug if slug in concepts.shipped_concepts() else None
+
+
+def run_facts(run: str | os.PathLike, config: dict) -> dict | None:
+    """The judges' facts of a run: its data/facts.json, else the shipped concept's, else None (forbidden terms only)."""
+    from agml import concepts
+    from agml.judges import check_facts, load_facts
+
+    path = Path(run) / DATA_DIR / FACTS_FILE
+    if path.is_file():
+        return load_facts(path)
+    slug = shipped_slug(config)
+    return check_facts(concepts.load_facts(slug)) if slug else None
+
+
 @dataclass
 class LoadedRun:
     model: object  # peft.PeftModel with the run's adapter
