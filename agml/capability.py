@@ -39,9 +39,12 @@ DEFAULT_CHUNK_TOKENS = 128
 # --- the one place that turns examples into log-probabilities ------------------------------------------------------
 
 
-def example_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int) -> tuple[list[float], list[int]]:
-    """Per example: summed log-probability of its labelled tokens and their count (agml's shared scorer)."""
-    return logprobs.example_logprobs(model, examples, pad_token_id(tokenizer), batch_size)
+def example_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: int,
+                     desc: str | None = None) -> tuple[list[float], list[int]]:
+    """Per example: summed log-probability of its labelled tokens and their count (agml's shared scorer).
+
+    `desc` shows a progress bar: a capability pass over the whole multiple-choice set takes minutes on a CPU."""
+    return logprobs.example_logprobs(model, examples, pad_token_id(tokenizer), batch_size, desc=desc)
 
 
 def adapter_off(model) -> contextlib.AbstractContextManager:
@@ -95,7 +98,7 @@ def choice_examples(tokenizer, item: ChoiceItem) -> list[Example]:
 def choice_accuracy(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int = 16) -> dict:
     """acc (raw summed log-prob) and acc_norm (per UTF-8 byte) of the model as it is, with per-item picks."""
     examples = [example for item in items for example in choice_examples(tokenizer, item)]
-    totals, _ = example_logprobs(model, tokenizer, examples, batch_size)
+    totals, _ = example_logprobs(model, tokenizer, examples, batch_size, desc="general knowledge (MC)")
     picks_raw, picks_norm, start = [], [], 0
     for item in items:
         scores = totals[start:start + len(item.choices)]
@@ -161,7 +164,7 @@ def text_chunks(tokenizer, text: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) 
 
 def perplexity(model, tokenizer, chunks: Sequence[Example], batch_size: int = 8) -> dict:
     """exp(mean NLL per scored token) of the model as it is over the chunks."""
-    totals, counts = example_logprobs(model, tokenizer, chunks, batch_size)
+    totals, counts = example_logprobs(model, tokenizer, chunks, batch_size, desc="neutral-text perplexity")
     tokens = sum(counts)
     return {"perplexity": math.exp(-sum(totals) / tokens), "tokens": tokens, "chunks": len(chunks)}
 
