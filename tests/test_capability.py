@@ -54,7 +54,7 @@ def test_choice_accuracy_raw_and_byte_normalised(monkeypatch, smol_tokenizer):
     items = [ChoiceItem("q1", ("a", "bbbb"), 1, "x"), ChoiceItem("q2", ("cc", "d"), 0, "y")]
     # q1: raw picks "a" (-2 > -4), per byte picks "bbbb" (-1 > -2); q2: both pick "cc".
     scores = [-2.0, -4.0, -1.0, -3.0]
-    monkeypatch.setattr(capability, "example_logprobs", lambda *args: (scores, [1] * 4))
+    monkeypatch.setattr(capability, "example_logprobs", lambda *args, **kwargs: (scores, [1] * 4))
     result = choice_accuracy(None, smol_tokenizer, items)
     assert (result["acc"], result["acc_norm"], result["correct"], result["correct_norm"]) == (0.5, 1.0, 1, 2)
     assert result["by_domain"] == {"x": 1.0, "y": 1.0} and result["item_correct_norm"] == [True, True]
