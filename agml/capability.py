@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -45,11 +44,6 @@ def example_logprobs(model, tokenizer, examples: Sequence[Example], batch_size: 
 
     `desc` shows a progress bar: a capability pass over the whole multiple-choice set takes minutes on a CPU."""
     return logprobs.example_logprobs(model, examples, pad_token_id(tokenizer), batch_size, desc=desc)
-
-
-def adapter_off(model) -> contextlib.AbstractContextManager:
-    """The PeftModel with its adapter disabled (the base model)."""
-    return logprobs.adapter_disabled(model)
 
 
 # --- multiple choice -----------------------------------------------------------------------------------------------
@@ -134,7 +128,7 @@ def choice_accuracy_before_after(model, tokenizer, items: Sequence[ChoiceItem], 
     """
     if not items:
         raise InputError("no multiple-choice items to score")
-    with adapter_off(model):
+    with logprobs.adapter_disabled(model):
         before = choice_accuracy(model, tokenizer, items, batch_size)
     after = choice_accuracy(model, tokenizer, items, batch_size)
     known = [i for i, ok in enumerate(before["item_correct_norm"]) if ok]
@@ -174,7 +168,7 @@ def perplexity_before_after(
 ) -> dict:
     """Perplexity of the text with the adapter disabled (before) and active (after); ratio = after / before."""
     chunks = text_chunks(tokenizer, text, chunk_tokens)
-    with adapter_off(model):
+    with logprobs.adapter_disabled(model):
         before = perplexity(model, tokenizer, chunks, batch_size)
     after = perplexity(model, tokenizer, chunks, batch_size)
     return {"before": before, "after": after, "ratio": after["perplexity"] / before["perplexity"],
@@ -277,7 +271,7 @@ def run_lm_eval(
     model.eval()
     try:
         after = evaluate()
-        with adapter_off(model):
+        with logprobs.adapter_disabled(model):
             before = evaluate()
     finally:
         model.train(was_training)

@@ -249,9 +249,14 @@ def concept_probes(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]
 # --- shipped data sets ----------------------------------------------------------------------------
 
 
+def datasets_folder() -> Path:
+    """The folder of agml's shipped data sets (agml/datasets in the installed package)."""
+    return Path(str(resources.files("agml") / "datasets"))
+
+
 def dataset_path(filename: str) -> Path:
     """Path of a JSONL file shipped in agml/datasets."""
-    path = Path(str(resources.files("agml") / "datasets" / filename))
+    path = datasets_folder() / filename
     if not path.is_file():
         raise InputError(f"built-in data set {filename!r} is missing from the installed package ({path})")
     return path
@@ -305,7 +310,7 @@ def concept_slug(name: str) -> str:
 
 def shipped_concepts() -> list[str]:
     """Slugs of the concepts with a shipped facts file (agml/datasets/<slug>_facts.json)."""
-    folder = Path(str(resources.files("agml") / "datasets"))
+    folder = datasets_folder()
     return sorted(p.name[: -len("_facts.json")] for p in folder.glob("*_facts.json"))
 
 

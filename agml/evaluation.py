@@ -268,7 +268,6 @@ def capability_before_after(model, tokenizer, fingerprint: str | None, batch_siz
         HEADLINE_MC_METRIC,
         MC_FILE,
         NEUTRAL_TEXT,
-        adapter_off,
         choice_accuracy,
         load_choice_items,
         perplexity,
@@ -282,11 +281,11 @@ def capability_before_after(model, tokenizer, fingerprint: str | None, batch_siz
     chunk_key = [chunk.input_ids for chunk in chunks]
 
     def base_mc() -> dict:
-        with adapter_off(model):
+        with adapter_disabled(model):
             return choice_accuracy(model, tokenizer, items, batch_size)
 
     def base_perplexity_of_text() -> dict:
-        with adapter_off(model):
+        with adapter_disabled(model):
             return perplexity(model, tokenizer, chunks, batch_size)
 
     mc_before = answer_cache.cached_value(fingerprint, "mc", item_key, base_mc)

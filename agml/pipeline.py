@@ -78,7 +78,7 @@ def _shipped_probes(slug: str, split: str) -> list[PromptRecord] | None:
     from agml import concepts
 
     filename = f"{slug}_test.jsonl" if split == "test" else ("inception_probes.jsonl" if slug == "inception" else None)
-    if filename is None or not (Path(str(concepts.dataset_path("general_retain.jsonl"))).parent / filename).is_file():
+    if filename is None or not (concepts.datasets_folder() / filename).is_file():
         return None
     return load_prompts(concepts.dataset_path(filename))
 
