@@ -84,19 +84,24 @@ def choice_examples(tokenizer, item: ChoiceItem) -> list[Example]:
     head = prompt_ids(tokenizer, [{"role": "user", "content": item.question}])
     examples = []
     for choice in item.choices:
-        tail = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        tail = choice_ids(tokenizer, choice)
         examples.append(Example(head + tail, [IGNORE_INDEX] * len(head) + tail))
     return examples
 
 
+def choice_ids(tokenizer, choice: str) -> list[int]:
+    """A choice's tokens as the assistant's answer (no end-of-turn: see the module docstring)."""
+    return tokenizer(choice, add_special_tokens=False)["input_ids"]
+
+
 def choice_accuracy(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int = 16) -> dict:
     """acc (raw summed log-prob) and acc_norm (per UTF-8 byte) of the model as it is, with per-item picks."""
-    examples = [example for item in items for example in choice_examples(tokenizer, item)]
-    totals, _ = example_logprobs(model, tokenizer, examples, batch_size, desc="general knowledge (MC)")
-    picks_raw, picks_norm, start = [], [], 0
-    for item in items:
-        scores = totals[start:start + len(item.choices)]
-        start += len(item.choices)
+    questions = [prompt_ids(tokenizer, [{"role": "user", "content": item.question}]) for item in items]
+    answers = [[choice_ids(tokenizer, choice) for choice in item.choices] for item in items]
+    totals = logprobs.continuation_logprobs(model, questions, answers, pad_token_id(tokenizer), batch_size,
+                                            desc="general knowledge (MC)")
+    picks_raw, picks_norm = [], []
+    for item, scores in zip(items, totals, strict=True):
         normalised = [s / len(c.encode("utf-8")) for s, c in zip(scores, item.choices, strict=True)]
         picks_raw.append(max(range(len(scores)), key=scores.__getitem__))
         picks_norm.append(max(range(len(normalised)), key=normalised.__getitem__))

@@ -12,6 +12,7 @@ LoRA adapter (B = 0) therefore starts at KL = 0. See docs/architecture.md ("Log-
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -158,3 +159,55 @@ def mean_token_kl(model: torch.nn.Module, examples: Sequence[Example], pad_id: i
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """Bool `(batch, seq)`: positions t whose next token t+1 is an answer token (never the last position)."""
     return F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1), value=False)
+
+
+@torch.no_grad()
+def continuation_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[Sequence[int]]], pad_id: int, batch_size: int = 16,
+                          desc: str | None = None) -> list[list[float]]:
+    """Per prompt, the summed log-probability of each of its continuations (teacher forcing).
+
+    Multiple choice asks one question with several answers: each prompt runs once and its KV cache is shared by its
+    continuations, so a batch costs one prompt pass plus one short pass per choice instead of a full pass per choice
+    (about 3x less work for the shipped set). Equal to scoring every prompt + continuation on its own
+    (`example_logprobs`) up to float rounding; tests/test_capability.py checks that.
+    """
+    if any(not tail for tails in continuations for tail in tails):
+        raise InputError("a continuation has no tokens")
+    totals: list[list[float]] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None or not prompts, leave=False):
+        totals += _continuation_batch(model, prompts[start:start + batch_size],
+                                      continuations[start:start + batch_size], pad_id)
+    return totals
+
+
+def _continuation_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[Sequence[int]]], pad_id: int) -> list[list[float]]:
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                use_cache=True, **kwargs)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
+    lengths = prompt_mask.sum(1, keepdim=True)
+    totals = [[0.0] * len(tails) for tails in continuations]
+    for choice in range(max(len(tails) for tails in continuations)):
+        # A prompt without this choice gets one masked pad token: the batch must match the shared cache.
+        tails = [list(tails[choice]) if choice < len(tails) else [pad_id] for tails in continuations]
+        span = max(len(t) for t in tails)
+        ids = torch.tensor([t + [pad_id] * (span - len(t)) for t in tails], device=device)
+        mask = torch.tensor([[1] * len(t) + [0] * (span - len(t)) for t in tails], device=device)
+        step = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1),
+                     position_ids=lengths + torch.arange(span, device=device), use_cache=True,
+                     past_key_values=copy.deepcopy(out.past_key_values))
+        logprobs = torch.log_softmax(step.logits.float(), dim=-1)
+        for row, tail in enumerate(tails):
+            if choice >= len(continuations[row]):
+                continue
+            targets = torch.tensor(tail[1:], dtype=torch.long, device=device)
+            later = logprobs[row, torch.arange(len(tail) - 1, device=device), targets]
+            totals[row][choice] = float(first[row, tail[0]] + later.sum())
+    return totals

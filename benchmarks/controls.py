@@ -3,7 +3,9 @@
 Three measurements on the built-in Inception demo (dev split = agml/datasets/inception_probes.jsonl):
 
 1. trade-off: AG masks, random masks with the same per-layer counts (several seeds) and plain LoRA, each trained
-   at several KL (retain) weights; forget and retain pass rates of the dev probes -> JSON and a PNG plot.
+   as `agml unlearn` trains (same objective, targets by prompt kind, options) at several KL (retain) weights and
+   judged as its evaluation judges the dev probes -> forget/retain pass rates with 95% intervals, retain
+   refusals, JSON and a PNG plot. Every trained run is saved at once (tradeoff_runs.json), so a rerun continues.
 2. ablation (no training): set the selected neurons to their mean activation and measure the drop of log p of the
    concept's tokens in the base answers to forget prompts (teacher forcing, per token) minus the drop on the
    neighbours' answers; the same for random masks of equal per-layer counts; z-score of the AG mask among them.
@@ -14,13 +16,14 @@ Three measurements on the built-in Inception demo (dev split = agml/datasets/inc
     python benchmarks/controls.py --parts ablation --random-masks 100          # the ablation z-score only
     python benchmarks/controls.py --quick --tiny --out /tmp/controls           # smoke run, tiny random model
 
-The pipeline is reached only through the small wrappers below (`answered`, `ag_masks`, `trained_pass_rates`,
-`labelled_logprobs`), so the lead can re-wire them in one place.
+The pipeline is reached only through the small wrappers below (`unlearn_options`, `answered`, `ag_masks`,
+`trained_rates`, `labelled_logprobs`, `demo_data`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -35,7 +38,8 @@ import torch
 from agml import concepts
 from agml.architecture import mlp_dims, mlp_modules
 from agml.data import PromptRecord, build_example
-from agml.masks import NeuronMasks, build_masks, mask_jaccard, random_masks_like
+from agml.masks import NeuronMasks, mask_jaccard, random_masks_like
+from agml.options import TrainOptions
 
 DEFAULT_FACTS = ("Inception", "Dom Cobb", "nolan", "dicaprio", "cobb")
 NEIGHBOURS = ("Interstellar", "The Dark Knight")
@@ -43,6 +47,21 @@ OTHER_CONCEPT = "Harry Potter"
 
 
 # --- wrappers around the pipeline ---------------------------------------------------------------------------------
+# Every control goes through agml.pipeline, so it measures the method `agml unlearn` runs (objective, targets by
+# prompt kind, mask options), not a re-implementation of it.
+
+
+def unlearn_options(options, kl_weight: float | None = None):
+    """The `agml unlearn` options of these controls: the defaults, overridden by the script's arguments."""
+    from agml.options import EvalOptions, LoraOptions, MaskOptions, UnlearnOptions
+
+    train = TrainOptions(objective=options.objective, steps=options.steps, batch_size=options.batch_size,
+                         lr=options.lr, seed=options.seed, kl_weight=30.0 if kl_weight is None else kl_weight)
+    return UnlearnOptions(
+        out="controls", probe_split="dev", answer_tokens=options.answer_tokens,
+        mask=MaskOptions(density=options.density, per_layer_standardize=options.per_layer_standardize),
+        lora=LoraOptions(rank=options.rank, alpha=2.0 * options.rank), train=train,
+        eval=EvalOptions(max_new_tokens=options.max_new_tokens, skip_capability=True))
 
 
 def answered(model, tokenizer, records: Sequence[PromptRecord], max_new_tokens: int) -> list[PromptRecord]:
@@ -52,34 +71,36 @@ def answered(model, tokenizer, records: Sequence[PromptRecord], max_new_tokens: 
     return answer_records(model, tokenizer, records, max_new_tokens, desc=None)
 
 
-def ag_masks(model, tokenizer, forget, retain, options) -> NeuronMasks:
-    """Activation-guided masks as the pipeline builds them."""
-    from agml.scoring import score_records
+def ag_masks(model, tokenizer, data, options) -> NeuronMasks:
+    """Activation-guided masks as `agml unlearn` builds them from answered forget and retain records."""
+    from agml.pipeline import score_and_select
 
-    scores = score_records(model, tokenizer, forget, retain, options.batch_size, progress=False)
-    return build_masks(scores, density=options.density, strategy="global", score="combined",
-                       per_layer_standardize=options.per_layer_standardize)
+    return score_and_select(model, tokenizer, unlearn_options(options), data)[1]
 
 
-def trained_pass_rates(model, tokenizer, masks: NeuronMasks | None, forget, retain, probes, kl_weight: float,
-                       options) -> dict:
-    """Train an adapter (masked, or plain LoRA when masks is None) and score the dev probes after training."""
-    from agml.evaluation import pass_rates, probe_passes
-    from agml.generation import greedy_answers
-    from agml.layers import apply_lora, apply_masked_lora
-    from agml.options import TrainOptions
+def trained_rates(model, tokenizer, masks: NeuronMasks | None, data, kl_weight: float, options) -> dict:
+    """Train an adapter (masked, or plain LoRA when masks is None) as `agml unlearn` does and judge the dev probes
+    as its evaluation does (capability skipped). `data.forget` already carries the training targets."""
+    from agml.adapters import apply_lora, apply_masked_lora
+    from agml.evaluation import evaluate
+    from agml.pipeline import training_options
     from agml.training import train_unlearning
 
+    run = unlearn_options(options, kl_weight)
     targets = ("gate_proj", "up_proj", "down_proj")
-    peft = (apply_lora(model, r=options.rank, alpha=2 * options.rank, targets=targets) if masks is None else
-            apply_masked_lora(model, masks, r=options.rank, alpha=2 * options.rank, targets=targets))
-    config = TrainOptions(objective=options.objective, steps=options.steps, batch_size=options.batch_size,
-                          lr=options.lr, kl_weight=kl_weight, seed=options.seed, early_stop=False,
-                          val_fraction=0.0)
-    train_unlearning(peft, tokenizer, forget, retain, config, progress=False)
-    answers = greedy_answers(peft, tokenizer, [p.messages for p in probes], options.max_new_tokens, 16)
-    passed = [probe_passes(p, a) for p, a in zip(probes, answers, strict=True)]
-    return {kind: pass_rates(probes, passed, kind)["pass_rate"] for kind in ("forget", "retain")}
+    shape = dict(r=run.lora.rank, alpha=run.lora.alpha, targets=targets)
+    peft = apply_lora(model, **shape) if masks is None else apply_masked_lora(model, masks, **shape)
+    train_unlearning(peft, tokenizer, data.forget, data.retain, training_options(run, tokenizer, data),
+                     progress=False)
+    result = evaluate(peft, tokenizer, data.probes, max_new_tokens=run.eval.max_new_tokens, concept_terms=data.terms,
+                      facts=data.facts, capability=False, split=data.split, progress=False)
+    summary = result["summary"]
+    return {"forget": summary["forget_pass_after"], "retain": summary["retain_pass_after"],
+            "forget_interval": summary["forget_pass_after_interval"],
+            "retain_interval": summary["retain_pass_after_interval"],
+            "retain_refusal": summary["retain_refusal_after"], "retain_kl": summary["retain_kl"],
+            "forget_before": summary["forget_pass_before"], "retain_before": summary["retain_pass_before"],
+            "n_forget": result["after"]["forget"]["n"], "n_retain": result["after"]["retain"]["n"]}
 
 
 def labelled_logprobs(model, tokenizer, examples, batch_size: int = 16) -> tuple[list[float], list[int]]:
@@ -123,35 +144,51 @@ def concept_facts() -> tuple[str, ...]:
     return DEFAULT_FACTS
 
 
-def demo_data(model, tokenizer, options) -> tuple[list, list, list]:
-    """(answered forget, answered retain without the concept, dev probes), cut to --limit each (probes: of each
-    type) when given."""
-    forget, retain, probes = concepts.builtin_inception()
-    cut = slice(None) if options.limit is None else slice(options.limit)
-    forget = answered(model, tokenizer, forget[cut], options.answer_tokens)
-    retain = answered(model, tokenizer, retain[cut], options.answer_tokens)
-    retain = [r for r in retain if "inception" not in r.answer.lower()] or retain
-    probes = [p for kind in ("forget", "retain") for p in [p for p in probes if p.type == kind][cut]]
-    return forget, retain, probes
+def demo_data(model, tokenizer, options):
+    """The built-in demo's data as `agml unlearn --probe-split dev` resolves it (RunData): answered forget, answered
+    retain without the concept, dev probes; cut to --limit each (probes: of each type) when given."""
+    from agml.pipeline import answer_data, resolve_data
+
+    run = unlearn_options(options)
+    data = resolve_data(run)
+    if options.limit is not None:
+        cut = slice(options.limit)
+        probes = [p for kind in ("forget", "retain") for p in [p for p in data.probes if p.type == kind][cut]]
+        data = dataclasses.replace(data, forget=data.forget[cut], retain=data.retain[cut], probes=probes)
+    return answer_data(model, tokenizer, run, data, None)
+
+
+def with_records(data, forget, retain):
+    """The same concept and probes with other forget/retain records (for masks of halves or other concepts)."""
+    return dataclasses.replace(data, forget=list(forget), retain=list(retain))
 
 
 # --- 1. trade-off curves ------------------------------------------------------------------------------------------
 
 
-def tradeoff(new_model, tokenizer, forget, retain, probes, masks: NeuronMasks, options, log) -> dict:
+def tradeoff(new_model, tokenizer, data, masks: NeuronMasks, options, log, saved: Path | None = None) -> dict:
+    """Forget/retain dev pass rates of AG masks, plain LoRA and random masks over the KL weights. Results are
+    written to `saved` after every trained adapter and read back from it, so an interrupted sweep continues."""
+    from agml.pipeline import with_targets
+
     width = mlp_dims(new_model())[1]
     variants: dict[str, NeuronMasks | None] = {"ag": masks, "lora": None}
     variants.update({f"random-{seed}": random_masks_like(masks, width, seed) for seed in range(options.seeds)})
-    results = {}
-    for name, variant in variants.items():
-        results[name] = {}
-        for weight in options.kl_weights:
+    data = with_targets(new_model(), tokenizer, unlearn_options(options), data)  # the same targets for every run
+    results = json.loads(saved.read_text()) if saved is not None and saved.is_file() else {}
+    for weight in options.kl_weights:
+        for name, variant in variants.items():
+            if str(weight) in results.get(name, {}):
+                continue
             started = time.perf_counter()
-            rates = trained_pass_rates(new_model(), tokenizer, variant, forget, retain, probes, weight, options)
-            results[name][str(weight)] = rates
+            rates = trained_rates(new_model(), tokenizer, variant, data, weight, options)
+            rates["seconds"] = round(time.perf_counter() - started, 1)
+            results.setdefault(name, {})[str(weight)] = rates
+            if saved is not None:
+                saved.write_text(json.dumps(results, indent=1))
             log(f"trade-off {name} kl={weight}: forget {rates['forget']} retain {rates['retain']} "
-                f"({time.perf_counter() - started:.0f}s)")
-    return results
+                f"({rates['seconds']:.0f}s)")
+    return {name: results[name] for name in variants}
 
 
 def plot_tradeoff(results: dict, path: Path) -> Path:
@@ -289,17 +326,17 @@ def ablation(model, tokenizer, forget, retain, masks: NeuronMasks, options, log)
 # --- 3. overlap -----------------------------------------------------------------------------------------------------
 
 
-def overlap(model, tokenizer, forget, retain, masks: NeuronMasks, options, log) -> dict:
+def overlap(model, tokenizer, data, masks: NeuronMasks, options, log) -> dict:
     cut = slice(None) if options.limit is None else slice(options.limit)
     general = answered(model, tokenizer, concepts.general_retain_set()[cut], options.answer_tokens)
     by_concept = {}
     for name in ("Inception", *options.neighbours, OTHER_CONCEPT):
         records = answered(model, tokenizer, concepts.concept_forget_set(name)[cut], options.answer_tokens)
-        by_concept[name] = ag_masks(model, tokenizer, records, general, options)
+        by_concept[name] = ag_masks(model, tokenizer, with_records(data, records, general), options)
     names = list(by_concept)
     matrix = {a: {b: mask_jaccard(by_concept[a], by_concept[b]) for b in names} for a in names}
-    halves = (ag_masks(model, tokenizer, forget[0::2], retain, options),
-              ag_masks(model, tokenizer, forget[1::2], retain, options))
+    halves = (ag_masks(model, tokenizer, with_records(data, data.forget[0::2], data.retain), options),
+              ag_masks(model, tokenizer, with_records(data, data.forget[1::2], data.retain), options))
     width = mlp_dims(model)[1]
     chance = mask_jaccard(random_masks_like(masks, width, 1), random_masks_like(masks, width, 2))
     result = {"concepts": matrix, "forget_halves": mask_jaccard(*halves), "random_pair": chance,
@@ -325,7 +362,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--random-masks", type=int, default=100, help="random masks in the ablation test")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--per-layer-standardize", action="store_true")
-    parser.add_argument("--objective", default="refusal")
+    parser.add_argument("--objective", default=TrainOptions().objective, help="training objective (agml unlearn's)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -359,17 +396,17 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
     torch.manual_seed(options.seed)
     new_model, tokenizer = model_factory(options)
     model = new_model()
-    forget, retain, probes = demo_data(model, tokenizer, options)
-    masks = ag_masks(model, tokenizer, forget, retain, options)
+    data = demo_data(model, tokenizer, options)
+    masks = ag_masks(model, tokenizer, data, options)
     log(f"AG mask: {masks.total} neurons in {len(masks)} layers")
     result = {"options": {k: v for k, v in vars(options).items()}, "neurons": masks.total,
               "per_layer": {str(k): int(v.numel()) for k, v in masks.items()}}
     if "ablation" in options.parts:
-        result["ablation"] = ablation(model, tokenizer, forget, retain, masks, options, log)
+        result["ablation"] = ablation(model, tokenizer, data.forget, data.retain, masks, options, log)
     if "overlap" in options.parts:
-        result["overlap"] = overlap(model, tokenizer, forget, retain, masks, options, log)
+        result["overlap"] = overlap(model, tokenizer, data, masks, options, log)
     if "tradeoff" in options.parts:
-        result["tradeoff"] = tradeoff(new_model, tokenizer, forget, retain, probes, masks, options, log)
+        result["tradeoff"] = tradeoff(new_model, tokenizer, data, masks, options, log, out / "tradeoff_runs.json")
         result["plot"] = str(plot_tradeoff(result["tradeoff"], out / "tradeoff.png"))
     (out / "controls.json").write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
     return result

@@ -53,11 +53,33 @@ def test_choice_examples_label_only_the_choice_tokens(smol_tokenizer):
 def test_choice_accuracy_raw_and_byte_normalised(monkeypatch, smol_tokenizer):
     items = [ChoiceItem("q1", ("a", "bbbb"), 1, "x"), ChoiceItem("q2", ("cc", "d"), 0, "y")]
     # q1: raw picks "a" (-2 > -4), per byte picks "bbbb" (-1 > -2); q2: both pick "cc".
-    scores = [-2.0, -4.0, -1.0, -3.0]
-    monkeypatch.setattr(capability, "example_logprobs", lambda *args, **kwargs: (scores, [1] * 4))
+    scores = [[-2.0, -4.0], [-1.0, -3.0]]
+    monkeypatch.setattr(capability.logprobs, "continuation_logprobs", lambda *args, **kwargs: scores)
     result = choice_accuracy(None, smol_tokenizer, items)
     assert (result["acc"], result["acc_norm"], result["correct"], result["correct_norm"]) == (0.5, 1.0, 1, 2)
     assert result["by_domain"] == {"x": 1.0, "y": 1.0} and result["item_correct_norm"] == [True, True]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prompt_scoring_equals_scoring_each_choice_on_its_own(arch, smol_tokenizer):
+    """The prompt's KV cache shared by its choices gives the same sums as a full pass per choice, with prompts of
+    different lengths, choices of different lengths and items with fewer choices in one batch."""
+    from tiny_models import tiny_model
+
+    from agml.data import pad_token_id
+    from agml.logprobs import continuation_logprobs, example_logprobs
+
+    model = tiny_model(arch, seed=3, vocab_size=len(smol_tokenizer)).eval()
+    items = [*load_choice_items(MC), ChoiceItem("Is the sky blue on a clear day?", ("Yes", "No"), 0)]
+    pad = pad_token_id(smol_tokenizer)
+    for batch_size in (1, 3, 16):
+        shared = continuation_logprobs(
+            model, [choice_examples(smol_tokenizer, i)[0].input_ids[:-len(capability.choice_ids(smol_tokenizer,
+                    i.choices[0]))] for i in items],
+            [[capability.choice_ids(smol_tokenizer, c) for c in i.choices] for i in items], pad, batch_size)
+        alone, _ = example_logprobs(model, [e for i in items for e in choice_examples(smol_tokenizer, i)], pad, 1)
+        assert [len(s) for s in shared] == [len(i.choices) for i in items]
+        assert [v for s in shared for v in s] == pytest.approx(alone, abs=1e-4)
 
 
 def test_choice_accuracy_before_after_uses_the_adapter(smol_tokenizer):

@@ -29,9 +29,23 @@ def test_quick_tiny_run_writes_every_control(tmp_path, smol_tokenizer):
     saved = json.loads((tmp_path / "controls.json").read_text())
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert set(saved["tradeoff"]) == {"ag", "lora", "random-0", "random-1"}
-    assert all(set(rates) == {"forget", "retain"} and rates["retain"] is not None
+    assert all({"forget", "retain", "forget_interval", "retain_interval", "retain_refusal"} <= set(rates)
+               and rates["retain"] is not None and rates["n_retain"] > 0
                for runs in saved["tradeoff"].values() for rates in runs.values())
     assert saved["ablation"]["n_random"] == 10 and "specificity" in saved["ablation"]["z"]
     overlap = saved["overlap"]
     assert overlap["concepts"]["Inception"]["Inception"] == 1.0 and 0.0 <= overlap["forget_halves"] <= 1.0
     assert result["neurons"] == saved["neurons"] > 0
+
+
+def test_an_interrupted_tradeoff_continues_from_its_saved_runs(tmp_path, smol_tokenizer):
+    module = controls_module()
+    args = ["--quick", "--tiny", "--parts", "tradeoff", "--out", str(tmp_path)]
+    first = module.main(args, log=lambda _: None)
+    assert (tmp_path / "tradeoff_runs.json").is_file()
+
+    def must_not_train(*_args, **_kwargs):
+        raise AssertionError("a saved run was trained again")
+
+    module.trained_rates = must_not_train
+    assert module.main(args, log=lambda _: None)["tradeoff"] == first["tradeoff"]
