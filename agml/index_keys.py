@@ -3,7 +3,7 @@
 In memory each `MaskedLoraLinear` holds one small module per adapter in the `nn.ModuleDict`s `lora_out_index` /
 `lora_in_index`, with the ids in its persistent buffer `ids`: key `<layer>.lora_out_index.<adapter>.ids`. PEFT's
 `save_pretrained` drops the adapter name, so a saved file has `<layer>.lora_out_index.ids`. This is PEFT's own
-`<layer>.lora_A.<adapter>.weight` shape (prefix, adapter, tensor), which PEFT's loading and hotswapping rely on.
+`<layer>.lora_A.<adapter>.weight` pattern (prefix, adapter, tensor), which PEFT's loading and hotswapping rely on.
 
 Files written before this layout have `<layer>.lora_out_index` (no `.ids`); they still load.
 """
