@@ -92,11 +92,14 @@ def test_export_baked_writes_no_neuron_ids(tmp_path):
     assert keys and not any(parse_index_key(key) or "index" in key for key in keys)
 
 
+@pytest.mark.parametrize("layout", ["current", "previous"])
 @pytest.mark.parametrize("into_peft_model", [False, True], ids=["plain-model", "peft-model"])
-def test_previous_layout_loads_identically_without_warnings(tmp_path, into_peft_model):
+def test_both_layouts_load_identically_without_key_warnings(tmp_path, into_peft_model, layout):
+    """load_adapter goes through PeftModel.from_pretrained (plain model) or PeftModel.load_adapter (PeftModel)."""
     folder = saved_adapter(tmp_path / "a", FIRST, seed=1)
     expected = fresh_logits(folder)
-    previous_layout(folder)
+    if layout == "previous":
+        previous_layout(folder)
     check_neuron_indices(load_file(str(folder / "adapter_model.safetensors")), str(folder))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
