@@ -2,9 +2,9 @@
 
 A masked adapter is a normal PEFT adapter whose MLP projections are `agml.layers.MaskedLoraLinear`; the neuron ids
 travel in the adapter's safetensors (`<layer>.lora_out_index.ids` / `<layer>.lora_in_index.ids`, see
-`agml.index_keys`), so a folder written by `save_adapter` or by
-PEFT's own `save_pretrained` is enough for `load_adapter`. Where the neurons live in a model comes from
-`agml.architecture.neuron_sites`. See docs/architecture.md ("Adapters").
+`agml.index_keys`), so a folder written by `save_adapter` or by PEFT's own `save_pretrained` is enough for
+`load_adapter`, and PEFT's `hotswap_adapter` can swap one masked adapter for another. Where the neurons live in a
+model comes from `agml.architecture.neuron_sites`. See docs/architecture.md ("Adapters").
 """
 
 from __future__ import annotations
@@ -415,11 +415,11 @@ def check_hotswap(peft_model: PeftModel, path: str | os.PathLike, adapter_name: 
                     problems.append(f"{name}: {ids.numel()} neurons instead of {old.numel()}")
     problems += [f"{name} has a neuron mask in only one of the two adapters" for name in incoming]
     if problems:
+        listed = sorted(set(problems))
         raise AgmlError(
             f"cannot hotswap {folder} into adapter {adapter_name!r}: PEFT's hotswap_adapter swaps a masked layer "
             "only to the same number of neurons or more (the same number after prepare_model_for_compiled_hotswap), "
-            "and only where both adapters mask it ("
-            + "; ".join(sorted(set(problems))[:5]) + f"{'; ...' if len(set(problems)) > 5 else ''}). "
+            f"and only where both adapters mask it ({'; '.join(listed[:5])}{'; ...' if len(listed) > 5 else ''}). "
             "Load the adapter instead (load_adapter)"
         )
 
