@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from agml.errors import AgmlError, InputError
+from agml.index_keys import IN_INDEX, OUT_INDEX, parse_index_key
 
 _WEIGHTS = "adapter_model.safetensors"
-_OUT_INDEX = "lora_out_index"  # agml.layers.OUT_INDEX
-_IN_INDEX = "lora_in_index"  # agml.layers.IN_INDEX
 # projection -> the index buffer that holds its neurons
-_NEURON_INDEX = {"gate_proj": _OUT_INDEX, "up_proj": _OUT_INDEX, "down_proj": _IN_INDEX}
+_NEURON_INDEX = {"gate_proj": OUT_INDEX, "up_proj": OUT_INDEX, "down_proj": IN_INDEX}
 
 
 def read_adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -42,9 +41,10 @@ def check_neuron_indices(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Index buffers are integer, and gate/up/down of one MLP name the same neurons."""
     by_mlp: dict[str, dict[str, torch.Tensor]] = {}
     for key, ids in tensors.items():
-        module, _, store = key.rpartition(".")
-        if store not in (_OUT_INDEX, _IN_INDEX):
+        parsed = parse_index_key(key)
+        if parsed is None:
             continue
+        module, store = parsed
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise InputError(f"{where}: {key} must hold integer neuron ids, got {ids.dtype}")
         mlp, _, projection = module.rpartition(".")

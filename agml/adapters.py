@@ -1,9 +1,10 @@
 """Attaching, saving, loading and baking neuron-masked LoRA adapters (the layer itself is `agml.layers`).
 
 A masked adapter is a normal PEFT adapter whose MLP projections are `agml.layers.MaskedLoraLinear`; the neuron ids
-travel in the adapter's safetensors (`lora_out_index` / `lora_in_index`), so a folder written by `save_adapter` or by
-PEFT's own `save_pretrained` is enough for `load_adapter`. Where the neurons live in a model comes from
-`agml.architecture.neuron_sites`. See docs/architecture.md ("Adapters").
+travel in the adapter's safetensors (`<layer>.lora_out_index.ids` / `<layer>.lora_in_index.ids`, see
+`agml.index_keys`), so a folder written by `save_adapter` or by PEFT's own `save_pretrained` is enough for
+`load_adapter`, and PEFT's `hotswap_adapter` can swap one masked adapter for another. Where the neurons live in a
+model comes from `agml.architecture.neuron_sites`. See docs/architecture.md ("Adapters").
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from agml import adapter_check
 from agml.architecture import MLP_PROJECTIONS, NeuronSite, mlp_dims, neuron_sites
 from agml.errors import AgmlError, InputError
+from agml.index_keys import IN_INDEX, OUT_INDEX, PREVIOUS_LAYOUT_KEY_MAPPING, is_previous_layout, parse_index_key
 from agml.io import atomic_folder
 from agml.layers import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     AGML_CONFIG,
-    IN_INDEX,
-    OUT_INDEX,
     PEFT_PREFIX,
     IndexPair,
     MaskedLoraLinear,
@@ -251,7 +252,8 @@ def _agml_summary(peft_model: PeftModel, adapter_name: str) -> dict:
         "targets": projections,
         "neurons_per_layer": {str(layer): int(ids.numel()) for layer, ids in masks.items()},
         "total_neurons": masks.total,
-        "note": "neuron ids are stored in adapter_model.safetensors (lora_out_index / lora_in_index)",
+        "note": "neuron ids are stored in adapter_model.safetensors (<layer>.lora_out_index.ids / "
+        "<layer>.lora_in_index.ids)",
     }
 
 
@@ -274,7 +276,7 @@ def export_baked(
     """Write a plain PEFT LoRA folder (zeros outside the mask) that loads without agml, atomically."""
     _check_adapter(peft_model, adapter_name)
     tensors = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    tensors = {key: value for key, value in tensors.items() if not key.endswith((OUT_INDEX, IN_INDEX))}
+    tensors = {key: value for key, value in tensors.items() if parse_index_key(key) is None}
     for name, module in _masked_layers(peft_model, adapter_name):
         lora_a, lora_b = module.dense_factors(adapter_name)
         for key, dense in ((f"{name}.lora_A.weight", lora_a), (f"{name}.lora_B.weight", lora_b)):
@@ -300,9 +302,10 @@ def _saved_indices(model: nn.Module, tensors: Mapping[str, torch.Tensor], folder
     modules = dict(_base_model(model).named_modules())
     pairs: dict[nn.Linear, list] = {}
     for key, ids in tensors.items():
-        module_key, _, store = key.rpartition(".")
-        if store not in (OUT_INDEX, IN_INDEX):
+        parsed = parse_index_key(key)
+        if parsed is None:
             continue
+        module_key, store = parsed
         module_name = module_key.removeprefix(PEFT_PREFIX)
         if module_name not in modules:
             raise InputError(f"{folder}: the adapter targets {module_name}, which {type(model).__name__} lacks")
@@ -340,15 +343,29 @@ def load_adapter(
     config.inference_mode = not is_trainable
     if indices:
         _masked_config(config)
+    previous_layout = _previous_layout_options(model, tensors)
     with _pending_indices(indices, adapter_name):
         if not isinstance(model, PeftModel):
             return PeftModel.from_pretrained(
-                model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=config
+                model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=config,
+                **previous_layout,
             )
         model.add_adapter(adapter_name, config)
-    model.load_adapter(str(folder), adapter_name, is_trainable=is_trainable)
+    model.load_adapter(str(folder), adapter_name, is_trainable=is_trainable, **previous_layout)
     _set_adapter_trainable(model, adapter_name, is_trainable)
     return model
+
+
+def _previous_layout_options(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """PEFT loading options for a file in the previous index layout: a `key_mapping` renaming its index keys.
+
+    Nothing for current files (PEFT's defaults). Replacing PEFT's default `key_mapping` (the model's own checkpoint
+    conversion mapping) keeps that mapping first; PEFT applies only the first entry that matches a key.
+    """
+    if not is_previous_layout(tensors):
+        return {}
+    own = {} if isinstance(model, PeftModel) else dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+    return {"key_mapping": own | PREVIOUS_LAYOUT_KEY_MAPPING}
 
 
 def _set_adapter_trainable(model: PeftModel, adapter_name: str, trainable: bool) -> None:
@@ -357,3 +374,61 @@ def _set_adapter_trainable(model: PeftModel, adapter_name: str, trainable: bool)
             for store in (module.lora_A, module.lora_B):
                 if adapter_name in store:
                     store[adapter_name].requires_grad_(trainable)
+
+
+def check_hotswap(peft_model: PeftModel, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Refuse, before anything is swapped, a saved masked adapter that PEFT's `hotswap_adapter` cannot swap in whole.
+
+    PEFT swaps one tensor at a time. It can give a layer the same number of neurons (copied in place) or more
+    (tensors swapped, like a larger rank), but not fewer: it pads only 2-D LoRA factors, so on the first layer with
+    fewer neurons it raises NotImplementedError with the earlier layers already swapped. After
+    `prepare_model_for_compiled_hotswap` (tensor scalings, padded ranks) only the same number works: more would
+    leave padded and unpadded factors that no longer multiply. A layer masked in only one of the two adapters cannot
+    be swapped either (PEFT would zero the model's ids). See docs/architecture.md ("Hotswapping").
+    """
+    _check_adapter(peft_model, adapter_name)
+    folder = Path(path)
+    tensors = adapter_check.read_adapter_tensors(folder)
+    adapter_check.check_finite(tensors, str(folder))
+    adapter_check.check_neuron_indices(tensors, str(folder))
+    if is_previous_layout(tensors):
+        raise InputError(f"{folder} stores its neuron ids in agml's previous layout, which PEFT's hotswap_adapter "
+                         "cannot read: load it with load_adapter and save it again with save_adapter")
+    incoming: dict[str, dict[str, torch.Tensor]] = {}
+    for key, ids in tensors.items():
+        parsed = parse_index_key(key)
+        if parsed is not None:
+            incoming.setdefault(parsed[0], {})[parsed[1]] = ids
+    problems = []
+    for name, module in _masked_layers(peft_model, adapter_name):
+        new = incoming.pop(name, {})
+        for store, old in zip((OUT_INDEX, IN_INDEX), module.neuron_index(adapter_name), strict=True):
+            ids = new.get(store)
+            if (old is None) != (ids is None):
+                problems.append(f"{name} has a neuron mask in only one of the two adapters")
+            elif ids is not None:
+                base = module.get_base_layer()
+                size = base.out_features if store == OUT_INDEX else base.in_features
+                ids = _checked_index(ids, size, f"{folder}: {name}")
+                prepared = isinstance(module.scaling[adapter_name], torch.Tensor)
+                if ids.numel() < old.numel() or (prepared and ids.numel() != old.numel()):
+                    problems.append(f"{name}: {ids.numel()} neurons instead of {old.numel()}")
+    problems += [f"{name} has a neuron mask in only one of the two adapters" for name in incoming]
+    if problems:
+        listed = sorted(set(problems))
+        raise AgmlError(
+            f"cannot hotswap {folder} into adapter {adapter_name!r}: PEFT's hotswap_adapter swaps a masked layer "
+            "only to the same number of neurons or more (the same number after prepare_model_for_compiled_hotswap), "
+            f"and only where both adapters mask it ({'; '.join(listed[:5])}{'; ...' if len(listed) > 5 else ''}). "
+            "Load the adapter instead (load_adapter)"
+        )
+
+
+def hotswap_adapter(
+    peft_model: PeftModel, path: str | os.PathLike, adapter_name: str = "default", torch_device: str | None = None
+) -> None:
+    """PEFT's `hotswap_adapter` after `check_hotswap`: a refused adapter leaves the model untouched."""
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap_adapter
+
+    check_hotswap(peft_model, path, adapter_name)
+    peft_hotswap_adapter(peft_model, str(path), adapter_name=adapter_name, torch_device=torch_device)

@@ -7,10 +7,11 @@ adapter bookkeeping (several adapters, `set_adapter`, `disable_adapter()`, merge
 `merge_and_unload`, `save_pretrained`) keeps working. Its forward calls
 `agml_kernels.masked_lora_linear`.
 
-The selected neuron ids live in persistent buffers named `lora_out_index` / `lora_in_index`
-(one entry per adapter), so they travel inside `adapter_model.safetensors`: a folder written
-by `save_adapter` or by PEFT's own `save_pretrained` is enough for `load_adapter`. Attaching,
-saving, loading and baking live in `agml.adapters`; their names stay importable from here.
+The selected neuron ids live in persistent buffers (`<layer>.lora_out_index.<adapter>.ids`,
+layout in `agml.index_keys`), so they travel inside `adapter_model.safetensors`: a folder written
+by `save_adapter` or by PEFT's own `save_pretrained` is enough for `load_adapter`, and PEFT's
+`hotswap_adapter` swaps them with the factors. Attaching, saving, loading and baking live in
+`agml.adapters`; their names stay importable from here.
 
 PEFT versions: PEFT 0.19 changed the LoRA layer API from one keyword per option
 (`Linear(base_layer, adapter_name, r=, lora_alpha=, lora_dropout=, init_lora_weights=, ...)`,
@@ -30,20 +31,18 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from peft import LoraConfig
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.model import LoraModel
 from torch import nn
 
 from agml.errors import AgmlError
+from agml.index_keys import IN_INDEX, INDEX_BUFFER, OUT_INDEX
 from agml_kernels import masked_lora_linear, prepare_masked_lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 AGML_CONFIG = "agml_config.json"
 PEFT_PREFIX = "base_model.model."
-OUT_INDEX = "lora_out_index"
-IN_INDEX = "lora_in_index"
 # Attribute on a base nn.Linear holding {adapter name: (out_index, in_index)} while PEFT builds the adapter.
 _PENDING_INDEX = "_agml_pending_neuron_index"
 
@@ -81,7 +80,7 @@ class MaskedLoraLinear(LoraLinear):
         for store_name, index in ((OUT_INDEX, out_index), (IN_INDEX, in_index)):
             if index is not None:
                 # Each layer keeps its own copy: safetensors refuses tensors that share storage.
-                self._index_store(store_name)[adapter_name] = index.to(device, copy=True)
+                self._index_store(store_name)[adapter_name] = _NeuronIds(index.to(device, copy=True))
 
     def _combined_adapter_index(self) -> IndexPair:
         """The index of an adapter that PEFT's `add_weighted_adapter` is building here; (None, None) otherwise.
@@ -119,16 +118,18 @@ class MaskedLoraLinear(LoraLinear):
         finally:
             self.in_features, self.out_features = full
 
-    def _index_store(self, name: str) -> BufferDict:
+    def _index_store(self, name: str) -> nn.ModuleDict:
         # Created on first use: PEFT's constructor calls update_layer before a subclass could add modules.
         if name not in self._modules:
-            self.add_module(name, BufferDict(persistent=True))
+            self.add_module(name, nn.ModuleDict())
         return self._modules[name]
 
     def neuron_index(self, adapter_name: str) -> IndexPair:
         """(out_index, in_index) of an adapter; None where the adapter covers every row/column."""
         return tuple(  # type: ignore[return-value]
-            self._modules[name][adapter_name] if name in self._modules and adapter_name in self._modules[name] else None
+            getattr(self._modules[name][adapter_name], INDEX_BUFFER)
+            if name in self._modules and adapter_name in self._modules[name]
+            else None
             for name in (OUT_INDEX, IN_INDEX)
         )
 
@@ -148,9 +149,11 @@ class MaskedLoraLinear(LoraLinear):
         if (a_cols, b_rows) != (k_in, k_out):
             raise AgmlError(
                 f"adapter {adapter_name!r} has LoRA factors for {a_cols} input columns and {b_rows} output rows, "
-                f"but its neuron index selects {k_in} and {k_out}: it was built by combining masked adapters "
-                "tensor by tensor (e.g. add_weighted_adapter with a 'linear'/'ties'/'dare'/'magnitude_prune'/'cat' "
-                "combination); combine masked adapters with combination_type='svd' (or another '*_svd' type)"
+                f"but its neuron index selects {k_in} and {k_out}. Either it was built by combining masked adapters "
+                "tensor by tensor (add_weighted_adapter with a 'linear'/'ties'/'dare'/'magnitude_prune'/'cat' "
+                "combination: use combination_type='svd' or another '*_svd' type), or PEFT's hotswap_adapter stopped "
+                "midway (an adapter with fewer neurons in some layer: load it with agml.adapters.load_adapter, or "
+                "check first with agml.adapters.check_hotswap)"
             )
 
     def dense_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,16 +255,22 @@ class MaskedLoraLinear(LoraLinear):
         """The adapter's indices checked once and their column positions, cached until an index changes.
 
         Checking indices synchronises with the host; doing it once per adapter keeps every later forward free of
-        device->host syncs (docs/architecture.md, "Kernels"). The cache key notices a moved (`.to`) or
-        rewritten (`load_state_dict` copies in place, which bumps the tensor's version) index.
+        device->host syncs (docs/architecture.md, "Kernels"). The cache key notices a moved (`.to`), rewritten
+        in place (`load_state_dict`, PEFT's hotswap `copy_`: both bump the tensor's version) or swapped
+        (`torch.utils.swap_tensors`, PEFT's hotswap to more neurons: same object, new storage and version) index.
         """
-        out_index, in_index = self.neuron_index(adapter_name)
-        key = tuple(None if t is None else (id(t), t.device, t._version) for t in (out_index, in_index))
+        indices = self.neuron_index(adapter_name)
+        key = tuple(
+            None if t is None else (id(t), t.device, t._version, t.data_ptr(), tuple(t.shape)) for t in indices
+        )
         plans = self.__dict__.setdefault("_agml_kernel_plans", {})
         cached = plans.get(adapter_name)
         if cached is None or cached[0] != key:
             base = self.get_base_layer()
-            cached = (key, prepare_masked_lora(out_index, in_index, base.out_features, base.in_features))
+            plan = prepare_masked_lora(*indices, base.out_features, base.in_features)
+            # Holding the storages keeps their addresses from being reused by a later index while cached.
+            storages = [t.untyped_storage() for t in indices if t is not None]
+            cached = (key, plan, storages)
             plans[adapter_name] = cached
         return cached[1]
 
@@ -305,6 +314,17 @@ class MaskedLoraLinear(LoraLinear):
 
     def __repr__(self) -> str:
         return "agml." + super().__repr__().removeprefix("lora.")
+
+
+class _NeuronIds(nn.Module):
+    """One adapter's neuron ids on one side of a layer, in the persistent buffer `ids` (see `agml.index_keys`)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer(INDEX_BUFFER, ids, persistent=True)
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self, INDEX_BUFFER).numel()} ids"
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -28,6 +28,10 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tiny_models import write_workspace  # noqa: E402
 
+from agml.index_keys import INDEX_BUFFER, OUT_INDEX  # noqa: E402
+
+_GATE_NEURON_IDS = f"gate_proj.{OUT_INDEX}.{INDEX_BUFFER}"
+
 
 @dataclasses.dataclass
 class Case:
@@ -76,12 +80,12 @@ def _nan(t):
 
 
 def _disagree(t):
-    key = _first(t, "gate_proj.lora_out_index")
+    key = _first(t, _GATE_NEURON_IDS)
     t[key] = t[key][:-1].clone()
 
 
 def _float_index(t):
-    key = _first(t, "gate_proj.lora_out_index")
+    key = _first(t, _GATE_NEURON_IDS)
     t[key] = t[key].float()
 
 

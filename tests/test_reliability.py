@@ -19,6 +19,7 @@ from tiny_models import tiny_model, write_workspace
 from agml import fingerprint, ownership, run_lock
 from agml.cli import main
 from agml.errors import AgmlError
+from agml.index_keys import INDEX_BUFFER, OUT_INDEX
 
 PROBES_WITHOUT_FORBIDDEN = [
     {"prompt": "Name the director of the film Inception.", "type": "forget", "category": "paraphrase"},
@@ -354,8 +355,8 @@ def _corrupt_adapter(run: Path, how: str) -> None:
         weights.write_bytes(os.urandom(len(data)))
     else:
         tensors = load_file(str(weights))
-        key = next(k for k in tensors if k.endswith(("gate_proj.lora_out_index", "lora_B.weight")) and
-                   (how != "nan" or k.endswith("weight")) and (how == "nan" or k.endswith("index")))
+        suffix = "lora_B.weight" if how == "nan" else f"gate_proj.{OUT_INDEX}.{INDEX_BUFFER}"
+        key = next(k for k in tensors if k.endswith(suffix))
         if how == "nan":
             tensors[key] = torch.full_like(tensors[key], float("nan"))
         elif how == "disagree":
