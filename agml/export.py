@@ -40,6 +40,7 @@ PACKAGE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 LLAMA_CPP_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 EXPORT_TYPES = tuple(dict.fromkeys((*PACKAGE_TYPES, *LLAMA_CPP_TYPES)))
 EVAL_TYPES = tuple(t for t in EXPORT_TYPES if t not in ("f32",))
+BASE_ROW = "base "  # label prefix of the rows that quantise the base without the adapter
 _GGUF_ARCH = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 _LAYER_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -562,6 +563,7 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
         merged_files = _quantized_copies(merged, tokenizer, folder, "merged", qtypes, backend, pre)
         del merged, loaded
         base, _ = load_model(options["model"], dtype="float32", device="cpu")
+        base_reference = greedy_answers(base, tokenizer, conversations, max_new_tokens, batch_size)
         base_files = _quantized_copies(base, tokenizer, folder, "base", qtypes, backend, pre)
         del base
         for qtype, merged_file in merged_files.items():
@@ -572,20 +574,27 @@ def quantized_eval(run: str | os.PathLike, qtypes: str | Sequence[str], probes=N
             if unmerged and qtype != "f16":  # f16 has no blocks to round an update away; the row would only cost time
                 runtime = GgufRuntime(base_files[qtype], tokenizer, backend, adapter)
                 answers[f"{qtype}+adapter"] = runtime.answers(conversations, max_new_tokens, batch_size)
+            # The base quantised the same way: how much the type alone moves the rates (quantisation's noise floor).
+            answers[f"{BASE_ROW}{qtype}"] = GgufRuntime(base_files[qtype], tokenizer, backend).answers(
+                conversations, max_new_tokens, batch_size)
     unquantized = _rates(probes, reference, facts)
+    base_unquantized = _rates(probes, base_reference, facts)
     rows = {}
     for label, texts in answers.items():
         rates = _rates(probes, texts, facts)
+        base_row = label.startswith(BASE_ROW)
+        against, against_answers = (base_unquantized, base_reference) if base_row else (unquantized, reference)
         rows[label] = {
             "pass_rate": rates,
-            "change": {k: _difference(rates[k], unquantized[k]) for k in rates},
-            "blocks": blocks.get(label),
-            "answers_differ": sum(a != b for a, b in zip(texts, reference, strict=True)),
+            "change": {k: _difference(rates[k], against[k]) for k in rates},
+            "blocks": None if base_row else blocks.get(label),
+            "answers_differ": sum(a != b for a, b in zip(texts, against_answers, strict=True)),
         }
     return {
         "backend": backend,
         "n": {kind: sum(p.type == kind for p in probes) for kind in ("forget", "retain")},
         "unquantized": unquantized,
+        "base_unquantized": base_unquantized,
         "blocks_f32": blocks["f32"],
         "types": rows,
         "probes": [{"prompt": p.prompt, "type": p.type, "unquantized": reference[i],
@@ -612,12 +621,17 @@ def format_quantized(result: dict) -> str:
              f"{'weights':<16} {'forget pass':<18} {'retain pass':<18} {'blocks changed':<22} answers differ",
              f"{'f32 (merged)':<16} {pct(result['unquantized']['forget']):<18} "
              f"{pct(result['unquantized']['retain']):<18} "
-             f"{str(result['blocks_f32']['changed']) + ' of ' + str(result['blocks_f32']['total']):<22} reference"]
+             f"{str(result['blocks_f32']['changed']) + ' of ' + str(result['blocks_f32']['total']):<22} reference",
+             f"{'f32 base':<16} {pct(result['base_unquantized']['forget']):<18} "
+             f"{pct(result['base_unquantized']['retain']):<18} {'no adapter':<22} base reference"]
     for label, row in result["types"].items():
         rates, change, blocks = row["pass_rate"], row["change"], row["blocks"]
         forget = pct(rates["forget"]) + points(change["forget"])
         retain = pct(rates["retain"]) + points(change["retain"])
-        changed = "adapter unmerged" if blocks is None else f"{blocks['changed']} of {blocks['total']}"
+        if label.startswith(BASE_ROW):
+            changed = "base, vs f32 base"
+        else:
+            changed = "adapter unmerged" if blocks is None else f"{blocks['changed']} of {blocks['total']}"
         lines.append(f"{label:<16} {forget:<18} {retain:<18} {changed:<22} "
                      f"{row['answers_differ']} of {len(result['probes'])}")
     return "\n".join(lines)

@@ -194,7 +194,12 @@ def test_quantized_eval_command(tiny_run, tmp_path, capsys):
     assert main(argv) == 0
     assert "q4_1" in capsys.readouterr().out
     result = json.loads(target.read_text())
-    assert list(result["types"]) == ["q4_1", "q4_1+adapter", "q8_0", "q8_0+adapter"]
+    assert list(result["types"]) == ["q4_1", "q4_1+adapter", "base q4_1", "q8_0", "q8_0+adapter", "base q8_0"]
+    # the base rows compare the quantised base with the unquantised base, never with the merged model
+    assert set(result["base_unquantized"]) == {"forget", "retain"}
+    base_row = result["types"]["base q8_0"]
+    assert base_row["blocks"] is None and base_row["change"]["retain"] == pytest.approx(
+        base_row["pass_rate"]["retain"] - result["base_unquantized"]["retain"])
     assert set(result["unquantized"]) == set(result["types"]["q8_0"]["pass_rate"]) == {"forget", "retain"}
     assert len(result["probes"]) == len(PROBES)
     # the adapter moves 2 x 3 + 2 x 2 neuron rows/columns of 32 weights (hidden 32): some blocks, never all
