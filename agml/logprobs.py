@@ -66,6 +66,11 @@ def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_base_of(model).forward).parameters
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.2x); the old name warns there and goes in 5.40.
+    return "cache" if "cache" in inspect.signature(_base_of(model).forward).parameters else "past_key_values"
+
+
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
     """Run `model` on a collated batch and return the logits that predict its labelled (answer) tokens."""
     device = next(model.parameters()).device
@@ -192,6 +197,8 @@ def _continuation_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                 use_cache=True, **kwargs)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
+    cache_key = _cache_keyword(model)
+    prompt_cache = out.get(cache_key, out.get("past_key_values"))
     lengths = prompt_mask.sum(1, keepdim=True)
     totals = [[0.0] * len(tails) for tails in continuations]
     for choice in range(max(len(tails) for tails in continuations)):
@@ -202,7 +209,7 @@ def _continuation_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
         mask = torch.tensor([[1] * len(t) + [0] * (span - len(t)) for t in tails], device=device)
         step = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1),
                      position_ids=lengths + torch.arange(span, device=device), use_cache=True,
-                     past_key_values=copy.deepcopy(out.past_key_values))
+                     **{cache_key: copy.deepcopy(prompt_cache)})
         logprobs = torch.log_softmax(step.logits.float(), dim=-1)
         for row, tail in enumerate(tails):
             if choice >= len(continuations[row]):
