@@ -198,7 +198,9 @@ def _continuation_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
                 use_cache=True, **kwargs)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
     cache_key = _cache_keyword(model)
-    prompt_cache = out.get(cache_key, out.get("past_key_values"))
+    prompt_cache = out.get(cache_key)
+    if prompt_cache is None:  # reading the other name only when needed: transformers warns on the old one
+        prompt_cache = out.get("past_key_values")
     lengths = prompt_mask.sum(1, keepdim=True)
     totals = [[0.0] * len(tails) for tails in continuations]
     for choice in range(max(len(tails) for tails in continuations)):
