@@ -81,12 +81,17 @@ def _choice_item(obj, where: str) -> ChoiceItem:
 
 def choice_examples(tokenizer, item: ChoiceItem) -> list[Example]:
     """One example per choice: the question as the user turn, the choice's tokens labelled as the answer."""
-    head = prompt_ids(tokenizer, [{"role": "user", "content": item.question}])
+    head = question_ids(tokenizer, item)
     examples = []
     for choice in item.choices:
         tail = choice_ids(tokenizer, choice)
         examples.append(Example(head + tail, [IGNORE_INDEX] * len(head) + tail))
     return examples
+
+
+def question_ids(tokenizer, item: ChoiceItem) -> list[int]:
+    """The question as the user turn, through the chat template up to the assistant's answer."""
+    return prompt_ids(tokenizer, [{"role": "user", "content": item.question}])
 
 
 def choice_ids(tokenizer, choice: str) -> list[int]:
@@ -96,7 +101,7 @@ def choice_ids(tokenizer, choice: str) -> list[int]:
 
 def choice_accuracy(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int = 16) -> dict:
     """acc (raw summed log-prob) and acc_norm (per UTF-8 byte) of the model as it is, with per-item picks."""
-    questions = [prompt_ids(tokenizer, [{"role": "user", "content": item.question}]) for item in items]
+    questions = [question_ids(tokenizer, item) for item in items]
     answers = [[choice_ids(tokenizer, choice) for choice in item.choices] for item in items]
     totals = logprobs.continuation_logprobs(model, questions, answers, pad_token_id(tokenizer), batch_size,
                                             desc="general knowledge (MC)")

@@ -62,13 +62,8 @@ def _base_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _supports_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(_base_of(model).forward).parameters
-
-
-def _cache_keyword(model: torch.nn.Module) -> str:
-    # transformers renamed `past_key_values` to `cache` (5.2x); the old name warns there and goes in 5.40.
-    return "cache" if "cache" in inspect.signature(_base_of(model).forward).parameters else "past_key_values"
+def _forward_accepts(model: torch.nn.Module, keyword: str) -> bool:
+    return keyword in inspect.signature(_base_of(model).forward).parameters
 
 
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
@@ -83,7 +78,7 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Ans
         raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": position_ids(attention_mask), "use_cache": False}
-    if _supports_logits_to_keep(model):
+    if _forward_accepts(model, "logits_to_keep"):
         logits = model(**kwargs, logits_to_keep=predicts).logits
         if logits.dim() == 3:  # a model that keeps the batch axis: index it ourselves
             logits = logits[predicts]
@@ -190,33 +185,31 @@ def continuation_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int
 def _continuation_batch(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[Sequence[int]]], pad_id: int) -> list[list[float]]:
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                use_cache=True, **kwargs)
+    prompt = collate([Example(list(p), list(p)) for p in prompts], pad_id, padding_side="left")
+    prompt_mask = prompt["attention_mask"].to(device)
+    kwargs = {"logits_to_keep": 1} if _forward_accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=prompt["input_ids"].to(device), attention_mask=prompt_mask,
+                position_ids=position_ids(prompt_mask), use_cache=True, **kwargs)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
-    cache_key = _cache_keyword(model)
+    cache_key = "cache" if _forward_accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.2x
     prompt_cache = out.get(cache_key)
     if prompt_cache is None:  # reading the other name only when needed: transformers warns on the old one
         prompt_cache = out.get("past_key_values")
     lengths = prompt_mask.sum(1, keepdim=True)
     totals = [[0.0] * len(tails) for tails in continuations]
     for choice in range(max(len(tails) for tails in continuations)):
-        # A prompt without this choice gets one masked pad token: the batch must match the shared cache.
+        # A prompt without this choice gets one pad token, scored and dropped: the batch must match the shared cache.
         tails = [list(tails[choice]) if choice < len(tails) else [pad_id] for tails in continuations]
-        span = max(len(t) for t in tails)
-        ids = torch.tensor([t + [pad_id] * (span - len(t)) for t in tails], device=device)
-        mask = torch.tensor([[1] * len(t) + [0] * (span - len(t)) for t in tails], device=device)
-        step = model(input_ids=ids, attention_mask=torch.cat([prompt_mask, mask], dim=1),
-                     position_ids=lengths + torch.arange(span, device=device), use_cache=True,
+        batch = collate([Example(t, t) for t in tails], pad_id)  # right-padded; labels IGNORE_INDEX on padding
+        mask, labels = batch["attention_mask"].to(device), batch["labels"].to(device)
+        step = model(input_ids=batch["input_ids"].to(device), attention_mask=torch.cat([prompt_mask, mask], dim=1),
+                     position_ids=lengths + torch.arange(labels.shape[1], device=device), use_cache=True,
                      **{cache_key: copy.deepcopy(prompt_cache)})
-        logprobs = torch.log_softmax(step.logits.float(), dim=-1)
-        for row, tail in enumerate(tails):
-            if choice >= len(continuations[row]):
-                continue
-            targets = torch.tensor(tail[1:], dtype=torch.long, device=device)
-            later = logprobs[row, torch.arange(len(tail) - 1, device=device), targets]
-            totals[row][choice] = float(first[row, tail[0]] + later.sum())
+        later_targets = labels[:, 1:]
+        later = torch.log_softmax(step.logits[:, :-1].float(), dim=-1).gather(
+            -1, later_targets.clamp(min=0)[..., None]).squeeze(-1)
+        scores = first.gather(1, labels[:, :1]).squeeze(1) + (later * (later_targets != IGNORE_INDEX)).sum(1)
+        for row, value in enumerate(scores.tolist()):
+            if choice < len(continuations[row]):
+                totals[row][choice] = value
     return totals

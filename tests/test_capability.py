@@ -74,8 +74,7 @@ def test_shared_prompt_scoring_equals_scoring_each_choice_on_its_own(arch, smol_
     pad = pad_token_id(smol_tokenizer)
     for batch_size in (1, 3, 16):
         shared = continuation_logprobs(
-            model, [choice_examples(smol_tokenizer, i)[0].input_ids[:-len(capability.choice_ids(smol_tokenizer,
-                    i.choices[0]))] for i in items],
+            model, [capability.question_ids(smol_tokenizer, i) for i in items],
             [[capability.choice_ids(smol_tokenizer, c) for c in i.choices] for i in items], pad, batch_size)
         alone, _ = example_logprobs(model, [e for i in items for e in choice_examples(smol_tokenizer, i)], pad, 1)
         assert [len(s) for s in shared] == [len(i.choices) for i in items]
