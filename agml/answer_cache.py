@@ -1,5 +1,6 @@
 """On-disk cache of what the BASE model ("before") produces during an evaluation: greedy answers, sampled answers,
-multiple-choice scores and neutral-text perplexity, under `$AGML_CACHE/answers/<fingerprint>/`.
+multiple-choice scores and neutral-text perplexity, under `$AGML_CACHE/answers/<fingerprint>/`
+(or `$AGML_ANSWER_CACHE/<fingerprint>/`).
 
 The base model is the same for every run of a model, so `agml eval` and `agml unlearn` recompute only the "after"
 side. The fingerprint hashes the model id, its config, the tokenizer (name and chat template) and a strided sample of
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ VOLATILE_CONFIG_KEYS = ("use_cache", "transformers_version", "_name_or_path", "t
 
 
 def answer_cache_dir() -> Path:
-    return cache_dir() / "answers"
+    """`$AGML_ANSWER_CACHE` when set (the test suite points it at a temporary folder), else `$AGML_CACHE/answers`."""
+    override = os.environ.get("AGML_ANSWER_CACHE")
+    return Path(override).expanduser() if override else cache_dir() / "answers"
 
 
 def enabled() -> bool:

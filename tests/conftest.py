@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import torch
 
@@ -7,8 +8,12 @@ if not torch.cuda.is_available():
     # tests run the Triton path in its CPU interpreter. No effect elsewhere: that path needs AGML_KERNELS=triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-from tiny_models import ARCHS, tiny_model
+# Base answers computed by tests go to a per-session folder, never into the user's own answer cache.
+_answer_cache = tempfile.TemporaryDirectory(prefix="agml-answers-")
+os.environ["AGML_ANSWER_CACHE"] = _answer_cache.name
+
+import pytest  # noqa: E402
+from tiny_models import ARCHS, tiny_model  # noqa: E402
 
 
 @pytest.fixture(params=ARCHS)

@@ -148,3 +148,13 @@ def test_unreadable_gguf_is_an_error(tmp_path, monkeypatch):
     broken.write_bytes(b"GGUF but not really")
     with pytest.raises(AgmlError, match=f"cannot convert {broken}"):
         models.load_model(str(broken))
+
+
+def test_answer_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    from agml import answer_cache
+
+    monkeypatch.setenv("AGML_CACHE", str(tmp_path / "models"))
+    monkeypatch.setenv("AGML_ANSWER_CACHE", str(tmp_path / "answers-here"))
+    assert answer_cache.answer_cache_dir() == tmp_path / "answers-here"
+    monkeypatch.delenv("AGML_ANSWER_CACHE")
+    assert answer_cache.answer_cache_dir() == tmp_path / "models" / "answers"
