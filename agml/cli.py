@@ -28,9 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list = []
 
 
-# Settings `agml score` takes (the data, the model and how masks are built: the same as `agml unlearn`'s).
-SCORE_SETTINGS = ("concept", "aliases", "model", "dtype", "trust_remote_code", "forget", "retain", "neighbours",
-                  "answer_tokens", "density", "strategy", "score", "mask_retain_weight", "batch_size", "seed")
+def _score_settings() -> tuple[str, ...]:
+    """Settings `agml score` takes: the data, the model and every mask setting (as `agml unlearn` builds masks)."""
+    from agml.options import leaf_fields
+
+    data_and_model = ("concept", "aliases", "model", "dtype", "trust_remote_code", "forget", "retain", "neighbours",
+                      "answer_tokens")
+    mask = tuple(name for name, (part, _) in leaf_fields().items() if part == "mask")
+    return (*data_and_model, *mask, "seed")
 
 
 def _add_option_flags(p, names) -> None:
@@ -169,9 +174,11 @@ def _add_score_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder to create: scores.safetensors, masks.safetensors, plots/")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file; flags given here override it")
-    _add_option_flags(p, SCORE_SETTINGS)
+    _add_option_flags(p, _score_settings())
     p.add_argument("--max-new-tokens", type=int, dest="answer_tokens", default=argparse.SUPPRESS,
                    help="older name of --answer-tokens")
+    p.add_argument("--batch-size", type=int, dest="score_batch_size", default=argparse.SUPPRESS,
+                   help="older name of --score-batch-size")
     p.add_argument("--retain-weight", type=float, dest="legacy_retain_weight", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_score)
 
@@ -183,7 +190,7 @@ def _score_options(args):
     if args.legacy_retain_weight is not None:
         raise InputError("--retain-weight is gone from agml score: the mask contrast weight is --mask-retain-weight "
                          "(the same setting `agml unlearn` builds its masks with)")
-    settings = _settings_from_args(args, SCORE_SETTINGS)
+    settings = _settings_from_args(args, _score_settings())
     settings["out"] = args.out
     options = build_options(settings)
     return options

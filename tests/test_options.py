@@ -80,6 +80,14 @@ def test_score_and_unlearn_share_mask_and_answer_defaults():
     assert _score_options(parse("score", "--out", "o", "--max-new-tokens", "48")).answer_tokens == 48
 
 
+def test_score_takes_every_mask_setting_unlearn_takes():
+    argv = ("--out", "o", "--score-positions", "entity+answer", "--mask-layers", "2-5", "--per-layer-standardize",
+            "--score-batch-size", "3")
+    assert _score_options(parse("score", *argv)).mask == _unlearn_options(parse("unlearn", *argv)).mask
+    # --batch-size of agml score is the scoring batch (it has no training step to size).
+    assert _score_options(parse("score", "--out", "o", "--batch-size", "5")).mask.score_batch_size == 5
+
+
 def test_help_comes_from_the_fields(capsys):
     with pytest.raises(SystemExit):
         main(["unlearn", "--help"])
