@@ -226,8 +226,9 @@ def _add_eval_parser(sub) -> None:
                    help="best-of-N sampling (temperature 0.7, seeded): a forget probe leaks if any sample leaks")
     p.add_argument("--noise-floor", type=int, default=0, metavar="SEEDS",
                    help="retain flips under SEEDS random adapters of the trained one's size, sparsity and norm")
-    p.add_argument("--no-capability", action="store_true",
-                   help="skip general-knowledge accuracy and neutral-text perplexity")
+    p.add_argument("--skip-capability", "--no-capability", dest="no_capability", action="store_true",
+                   help="skip general-knowledge accuracy and neutral-text perplexity (agml unlearn's flag; "
+                        "--no-capability is its older name here)")
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="comma-separated lm-eval tasks (e.g. agml_general_knowledge), adapter on and off "
                         "(pip install agml[lm-eval])")

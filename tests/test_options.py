@@ -97,3 +97,9 @@ def test_help_comes_from_the_fields(capsys):
 
 def test_train_options_alone():
     assert TrainOptions(steps=2).make_objective().retain_weight == 30.0
+
+
+@pytest.mark.parametrize("flag", ["--skip-capability", "--no-capability"])
+def test_eval_skips_capability_with_unlearns_flag_or_its_older_name(flag):
+    assert parse("eval", "RUN", flag).no_capability is True
+    assert parse("eval", "RUN").no_capability is False
