@@ -6,6 +6,7 @@ User errors (AgmlError) print one line and exit with code 2; --debug shows the t
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -13,6 +14,11 @@ import traceback
 from agml.errors import AgmlError
 
 EXIT_USAGE = 2
+EXIT_STORAGE = 1
+# Storage failures a user can fix (free space, quota, a read-only or forbidden folder): one line, not a traceback.
+STORAGE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +422,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"agml {args.command}{_process_label()}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"agml {args.command}{_process_label()}: error: {_storage_message(args, err)}", file=sys.stderr)
+        return EXIT_STORAGE
+
+
+def _storage_message(args, err: OSError) -> str:
+    """What failed, where, and that nothing finished was replaced (outputs are staged and renamed at the end)."""
+    where = f" writing {err.filename}" if err.filename else ""
+    text = f"{STORAGE_ERRORS[err.errno]}{where}; no finished output was replaced"
+    if args.command == "unlearn":
+        from agml.options import UnlearnOptions
+
+        out = getattr(args, "resume", None) or getattr(args, "out", None) or UnlearnOptions().out
+        text += (f"; the unfinished run stays in {out}.partial: make room, then continue it with "
+                 f"`agml unlearn --resume {out}` (from its last checkpoint) or start again with --force")
+    return text
 
 
 def _run_handler(args) -> int:

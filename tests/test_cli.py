@@ -108,3 +108,47 @@ def test_design_contract_names_are_importable_from_agml():
     for name in ("load_model", "score_neurons", "build_masks", "NeuronMasks", "apply_masked_lora", "load_adapter",
                  "export_baked"):
         assert callable(getattr(agml, name)), name
+
+
+
+def _every_command_runs(monkeypatch, handler) -> None:
+    """Make every subcommand call `handler` instead of its own work (argument parsing stays real)."""
+    import agml.cli as cli
+
+    real_build = cli.build_parser
+
+    def parser_with_handler():
+        parser = real_build()
+        for action in parser._subparsers._group_actions:
+            for sub in action.choices.values():
+                sub.set_defaults(handler=handler)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", parser_with_handler)
+
+
+@pytest.mark.parametrize(("command", "code"), [("unlearn", 28), ("eval", 13)])
+def test_a_full_disk_or_forbidden_folder_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch, command, code):
+    import errno
+
+    from agml.cli import EXIT_STORAGE
+
+    def fails(_args):
+        raise OSError(code, "from the file system", str(tmp_path / "run.partial" / "adapter.safetensors"))
+
+    _every_command_runs(monkeypatch, fails)
+    argv = ["unlearn", "--out", str(tmp_path / "run")] if command == "unlearn" else ["eval", str(tmp_path / "run")]
+    assert main(argv) == EXIT_STORAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "adapter.safetensors" in err and len(err.strip().splitlines()) == 1
+    assert ("no space left" if code == errno.ENOSPC else "permission denied") in err
+    assert (f"--resume {tmp_path / 'run'}" in err) == (command == "unlearn")
+
+
+def test_other_os_errors_still_raise(tmp_path, monkeypatch):
+    def fails(_args):
+        raise OSError(5, "I/O error")  # EIO: not something the user can fix by making room
+
+    _every_command_runs(monkeypatch, fails)
+    with pytest.raises(OSError):
+        main(["eval", str(tmp_path / "run")])
