@@ -15,6 +15,9 @@ Three measurements on the built-in Inception demo (dev split = agml/datasets/inc
     python benchmarks/controls.py --out benchmarks/results/controls            # everything (hours on 2 CPU cores)
     python benchmarks/controls.py --parts ablation --random-masks 100          # the ablation z-score only
     python benchmarks/controls.py --quick --tiny --out /tmp/controls           # smoke run, tiny random model
+    # a sweep split over two processes by KL weight, then merged and plotted (no model needed):
+    python benchmarks/controls.py --parts tradeoff --kl-weights 3,30 --out /tmp/a   # and 10,100 into /tmp/b
+    python benchmarks/controls.py --replot --merge-runs /tmp/a/tradeoff_runs.json,/tmp/b/tradeoff_runs.json
 
 The pipeline is reached only through the small wrappers below (`unlearn_options`, `answered`, `ag_masks`,
 `trained_rates`, `labelled_logprobs`, `demo_data`).
@@ -198,12 +201,13 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=150)
-    groups = {"AG masks": ["ag"], "plain LoRA": ["lora"],
-              "random masks (mean ± sd)": [k for k in results if k.startswith("random-")]}
+    randoms = [k for k in results if k.startswith("random-")]
+    groups = {"AG masks": [k for k in ("ag",) if k in results], "plain LoRA": [k for k in ("lora",) if k in results],
+              f"random masks (mean ± sd of {len(randoms)})": randoms}
     for label, keys in groups.items():
         if not keys:
             continue
-        weights = list(results[keys[0]])
+        weights = sorted(results[keys[0]], key=float)
         xs, ys, xe, ye = [], [], [], []
         for weight in weights:
             retain = [results[k][weight]["retain"] or 0.0 for k in keys]
@@ -371,6 +375,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="use at most this many prompts of each set")
     parser.add_argument("--neighbours", default=",".join(NEIGHBOURS))
+    parser.add_argument("--replot", action="store_true",
+                        help="no model: redraw tradeoff.png and controls.json's trade-off from --out's saved runs")
+    parser.add_argument("--merge-runs", default="", metavar="FILE[,FILE]",
+                        help="with --replot: first fold these tradeoff_runs.json files (e.g. of a sweep split over "
+                             "processes by --kl-weights) into --out's")
     parser.add_argument("--quick", action="store_true", help="2 seeds, 2 KL weights, 3 steps, 10 random masks")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and 6 prompts per set (smoke test)")
     options = parser.parse_args(argv)
@@ -389,10 +398,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
+def merged_runs(saved: Path, others: Sequence[Path]) -> dict:
+    """The saved trade-off runs with those of other sweeps folded in; one (variant, weight) measured twice
+    with different results is an error, not a silent choice."""
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    for other in others:
+        if not other.is_file():
+            raise SystemExit(f"--merge-runs: no such file {other}")
+        for name, runs in json.loads(other.read_text()).items():
+            for weight, rates in runs.items():
+                known = results.setdefault(name, {}).get(weight)
+                if known is not None and known != rates:
+                    raise SystemExit(f"--merge-runs: {name} at kl {weight} differs between {saved} and {other}")
+                results[name][weight] = rates
+    return results
+
+
+def replot(options, out: Path) -> dict:
+    """Redraw the trade-off from saved runs (merging --merge-runs first) and update controls.json's trade-off."""
+    saved = out / "tradeoff_runs.json"
+    results = merged_runs(saved, [Path(p.strip()) for p in options.merge_runs.split(",") if p.strip()])
+    if not results:
+        raise SystemExit(f"--replot: no saved trade-off runs in {saved}")
+    saved.write_text(json.dumps(results, indent=1))
+    summary = out / "controls.json"
+    result = json.loads(summary.read_text()) if summary.is_file() else {}
+    result["tradeoff"] = results
+    result["plot"] = str(plot_tradeoff(results, out / "tradeoff.png"))
+    summary.write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
+    return result
+
+
 def main(argv: Sequence[str] | None = None, log=print) -> dict:
     options = parse_args(argv)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
+    if options.replot:
+        return replot(options, out)
     torch.manual_seed(options.seed)
     new_model, tokenizer = model_factory(options)
     model = new_model()
