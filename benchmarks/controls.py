@@ -424,6 +424,8 @@ def replot(options, out: Path) -> dict:
     summary = out / "controls.json"
     result = json.loads(summary.read_text()) if summary.is_file() else {}
     result["tradeoff"] = results
+    result["sweep"] = {"kl_weights": sorted({float(w) for runs in results.values() for w in runs}),
+                       "random_seeds": sum(name.startswith("random-") for name in results)}
     result["plot"] = str(plot_tradeoff(results, out / "tradeoff.png"))
     summary.write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
     return result
