@@ -217,11 +217,14 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
             xe.append(statistics.pstdev(retain))
             ye.append(statistics.pstdev(forget))
         ax.errorbar(xs, ys, xerr=xe, yerr=ye, marker="o", capsize=3, label=label)
+        labels: dict[tuple[float, float], list[str]] = {}  # weights that land on the same point share a label
         for x, y, weight in zip(xs, ys, weights, strict=True):
-            ax.annotate(f"kl {weight}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            labels.setdefault((x, y), []).append(f"{float(weight):g}")
+        for (x, y), same in labels.items():
+            ax.annotate("kl " + ", ".join(same), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("retain probes passed (dev)")
     ax.set_ylabel("forget probes passed (dev)")
-    ax.set_title("Forget vs retain over KL weights")
+    ax.set_title("Forget vs retain over KL weights (dev split, seed 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
