@@ -78,7 +78,7 @@ class MaskOptions:
     mask_retain_weight: float = option(
         1.0, "weight of retain importance in the contrast c = forget - w * retain that selects neurons")
     score_positions: str = option(
-        "answer", "where neuron statistics are read: answer tokens, the concept's name tokens, or both",
+        "entity+answer", "where neuron statistics are read: answer tokens, the concept's name tokens, or both",
         choices=SCORE_POSITIONS)
     mask_layers: str | None = option(None, "restrict selection to a decoder-layer range, e.g. 8-20 (default: all)")
     per_layer_standardize: bool = option(

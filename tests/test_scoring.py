@@ -344,7 +344,8 @@ def test_cli_score_end_to_end(tmp_path, smol_tiny_folder, capsys):
 @pytest.mark.parametrize(("bad", "message"), [
     (["--density", "0"], "--density must be in (0, 1]"),
     (["--density", "1.5"], "--density must be in (0, 1]"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--score-batch-size must be >= 1"),  # --batch-size: its older name
+    (["--score-batch-size", "0"], "--score-batch-size must be >= 1"),
     (["--forget", "/nonexistent/forget.jsonl"], "prompt file not found"),
 ])
 def test_cli_score_rejects_bad_input_before_loading_the_model(tmp_path, bad, message, capsys):
