@@ -202,9 +202,9 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=150)
     randoms = [k for k in results if k.startswith("random-")]
-    groups = {"AG masks": [k for k in ("ag",) if k in results], "plain LoRA": [k for k in ("lora",) if k in results],
-              f"random masks (mean ± sd of {len(randoms)})": randoms}
+    groups = {"AG masks": ["ag"], "plain LoRA": ["lora"], f"random masks (mean ± sd of {len(randoms)})": randoms}
     for label, keys in groups.items():
+        keys = [k for k in keys if k in results]  # a sweep may hold only some variants
         if not keys:
             continue
         weights = sorted(results[keys[0]], key=float)
@@ -412,7 +412,8 @@ def merged_runs(saved: Path, others: Sequence[Path]) -> dict:
             for weight, rates in runs.items():
                 known = results.setdefault(name, {}).get(weight)
                 if known is not None and known != rates:
-                    raise SystemExit(f"--merge-runs: {name} at kl {weight} differs between {saved} and {other}")
+                    raise SystemExit(f"--merge-runs: {name} at kl {weight} in {other} differs from the same run in "
+                                     f"{saved} or an earlier --merge-runs file")
                 results[name][weight] = rates
     return results
 

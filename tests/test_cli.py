@@ -110,7 +110,6 @@ def test_design_contract_names_are_importable_from_agml():
         assert callable(getattr(agml, name)), name
 
 
-
 def _every_command_runs(monkeypatch, handler) -> None:
     """Make every subcommand call `handler` instead of its own work (argument parsing stays real)."""
     import agml.cli as cli

@@ -81,7 +81,7 @@ def test_score_and_unlearn_share_mask_and_answer_defaults():
 
 
 def test_score_takes_every_mask_setting_unlearn_takes():
-    argv = ("--out", "o", "--score-positions", "entity+answer", "--mask-layers", "2-5", "--per-layer-standardize",
+    argv = ("--out", "o", "--score-positions", "entity", "--mask-layers", "2-5", "--per-layer-standardize",
             "--score-batch-size", "3")
     assert _score_options(parse("score", *argv)).mask == _unlearn_options(parse("unlearn", *argv)).mask
     # --batch-size of agml score is the scoring batch (it has no training step to size).
