@@ -9,6 +9,7 @@ Three measurements on the built-in Inception demo (dev split = agml/datasets/inc
 2. ablation (no training): set the selected neurons to their mean activation and measure the drop of log p of the
    concept's tokens in the base answers to forget prompts (teacher forcing, per token) minus the drop on the
    neighbours' answers; the same for random masks of equal per-layer counts; z-score of the AG mask among them.
+   Measured in sample (all records) and held out (masks from the even-numbered records, measured on the odd).
 3. overlap: Jaccard of the AG masks of Inception, two neighbour films and Harry Potter (same templates, only the
    name differs), and of masks built from two halves of the forget set; random-mask Jaccard for reference.
 
@@ -330,6 +331,14 @@ def ablation(model, tokenizer, forget, retain, masks: NeuronMasks, options, log)
     return result
 
 
+def held_out_ablation(model, tokenizer, data, options, log) -> dict:
+    """The ablation out of sample: masks built from the even-numbered forget and retain records only, measured on
+    the odd-numbered ones (the in-sample test measures on the records the masks were scored on)."""
+    masks = ag_masks(model, tokenizer, with_records(data, data.forget[0::2], data.retain[0::2]), options)
+    log(f"held-out ablation: mask of {masks.total} neurons from the even-numbered records")
+    return ablation(model, tokenizer, data.forget[1::2], data.retain[1::2], masks, options, log)
+
+
 # --- 3. overlap -----------------------------------------------------------------------------------------------------
 
 
@@ -451,13 +460,26 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
               "per_layer": {str(k): int(v.numel()) for k, v in masks.items()}}
     if "ablation" in options.parts:
         result["ablation"] = ablation(model, tokenizer, data.forget, data.retain, masks, options, log)
+        result["ablation_held_out"] = held_out_ablation(model, tokenizer, data, options, log)
     if "overlap" in options.parts:
         result["overlap"] = overlap(model, tokenizer, data, masks, options, log)
     if "tradeoff" in options.parts:
         result["tradeoff"] = tradeoff(new_model, tokenizer, data, masks, options, log, out / "tradeoff_runs.json")
         result["plot"] = str(plot_tradeoff(result["tradeoff"], out / "tradeoff.png"))
-    (out / "controls.json").write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
+    write_summary(out / "controls.json", result)
     return result
+
+
+def write_summary(path: Path, result: dict) -> None:
+    """Write controls.json, keeping the parts an earlier run measured and this one did not (the parts are often
+    run as separate processes); each part's options are kept beside it."""
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    measured = [key for key in result if key.split("_held_out")[0] in PARTS]
+    summary.update(result)
+    options_by_part = summary.setdefault("options_by_part", {})
+    for key in measured:
+        options_by_part[key] = result["options"]
+    path.write_text(json.dumps(summary, indent=1, default=_json_default), encoding="utf-8")
 
 
 def _json_default(value):

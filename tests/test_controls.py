@@ -30,6 +30,7 @@ def test_quick_tiny_run_writes_every_control(tmp_path, smol_tokenizer):
                and rates["retain"] is not None and rates["n_retain"] > 0
                for runs in saved["tradeoff"].values() for rates in runs.values())
     assert saved["ablation"]["n_random"] == 10 and "specificity" in saved["ablation"]["z"]
+    assert saved["ablation_held_out"]["n_concept_examples"] < saved["ablation"]["n_concept_examples"]
     overlap = saved["overlap"]
     assert overlap["concepts"]["Inception"]["Inception"] == 1.0 and 0.0 <= overlap["forget_halves"] <= 1.0
     assert result["neurons"] == saved["neurons"] > 0
@@ -62,3 +63,15 @@ def test_replot_merges_sweeps_split_by_kl_weight_without_a_model(tmp_path):
     second.write_text(json.dumps({"ag": {"30.0": {**rates, "retain": 0.0}}}))
     with pytest.raises(SystemExit, match="differs"):
         module.main(["--replot", "--merge-runs", str(second), "--out", str(out)])
+
+
+def test_summary_keeps_the_parts_an_earlier_run_measured(tmp_path):
+    module = controls_module()
+    path = tmp_path / "controls.json"
+    module.write_summary(path, {"options": {"parts": ["overlap"]}, "neurons": 5, "overlap": {"forget_halves": 0.5}})
+    module.write_summary(path, {"options": {"parts": ["ablation"]}, "neurons": 5, "ablation": {"z": 3.0},
+                                "ablation_held_out": {"z": 2.0}})
+    saved = json.loads(path.read_text())
+    assert saved["overlap"] == {"forget_halves": 0.5} and saved["ablation"] == {"z": 3.0}
+    assert saved["options_by_part"] == {"overlap": {"parts": ["overlap"]}, "ablation": {"parts": ["ablation"]},
+                                        "ablation_held_out": {"parts": ["ablation"]}}
