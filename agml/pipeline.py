@@ -146,11 +146,16 @@ def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) ->
 def answer_data(model, tokenizer, options: UnlearnOptions, data: RunData, log) -> RunData:
     """The base model's answers (`answer_tokens` long) to the forget and retain prompts; retain prompts whose
     answer names the concept are dropped."""
+    from agml import answer_cache
     from agml.scoring import answer_records
 
     data = _with_proposed_neighbours(model, tokenizer, options, data, log)
-    forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers")
-    retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers")
+    # The base model answers the same prompts in every run of a concept: the answer cache keeps them.
+    cache_key = answer_cache.model_fingerprint(model, tokenizer) if answer_cache.enabled() else None
+    forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers",
+                            fingerprint=cache_key)
+    retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers",
+                            fingerprint=cache_key)
     retain = _without_concept(retain, data.terms, log)
     return dataclasses.replace(data, forget=forget, retain=retain)
 
@@ -260,6 +265,19 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+class StageClock:
+    """Wall seconds of each pipeline stage, in order (report.json's `stage_seconds`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
 def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = False, log=print) -> Path:
     """Run the whole job; returns the finished run folder."""
     check_inputs(options)
@@ -276,6 +294,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     from agml.training import train_unlearning
 
     started = time.perf_counter()
+    clock = StageClock()
     torch.manual_seed(options.train.seed)
     model, tokenizer = load_model(options.model, dtype=options.dtype, trust_remote_code=options.trust_remote_code)
     if options.masks:
@@ -307,9 +326,12 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     data = dataclasses.replace(data, forget=forget, retain=retain)
     if main:
         atomic_write_json(work / runs.DATA_DIR / runs.FACTS_FILE, data.facts)
+    clock.lap("load and base answers")
 
     peft_model, masks = attach_adapter(model, tokenizer, options, data, work, log)
+    clock.lap("scoring and masks")
     data = with_targets(peft_model, tokenizer, options, data)
+    clock.lap("training targets")
     trainable, total = trainable_parameters(peft_model)
     if main:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -317,18 +339,20 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
                               training_options(options, tokenizer, data),
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
     adapter_check.check_trained_adapter(peft_model)
+    clock.lap("training")
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,
                           batch_size=options.eval.eval_batch_size, concept_terms=data.terms, facts=data.facts,
                           samples=options.eval.samples, seed=options.train.seed,
                           capability=not options.eval.skip_capability,
                           noise_floor_seeds=options.eval.noise_floor_seeds, split=data.split, progress=main)
+    clock.lap("evaluation")
     if main:
         save_adapter(peft_model, work / runs.ADAPTER_DIR, overwrite=True)
         fingerprint.add_to_json_file(work / runs.ADAPTER_DIR / AGML_CONFIG, model_record)
         export_baked(peft_model, work / runs.BAKED_DIR, overwrite=True)
         write_report(work, options=options.to_dict(), evaluation=evaluation, training=result,
                      masks=masks, parameters={"trainable": trainable, "total": total},
-                     seconds=time.perf_counter() - started, concept=data.concept)
+                     seconds=time.perf_counter() - started, concept=data.concept, stages=clock.seconds)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)  # only needed to resume an unfinished run
         ownership.finish(work, options.out)
     distributed.barrier()

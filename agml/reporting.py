@@ -27,7 +27,7 @@ def _training_dict(training) -> dict:
 
 
 def build_report(options: dict, evaluation: dict, training, masks, parameters: dict, seconds: float,
-                 concept: str) -> dict:
+                 concept: str, stages: dict[str, float] | None = None) -> dict:
     train = _training_dict(training)
     return {
         "concept": concept,
@@ -35,6 +35,7 @@ def build_report(options: dict, evaluation: dict, training, masks, parameters: d
         "objective": options.get("objective"),
         "model": options.get("model"),
         "seconds": round(seconds, 1),
+        "stage_seconds": {name: round(value, 1) for name, value in (stages or {}).items()},
         "parameters": {**parameters, "fraction": parameters["trainable"] / max(parameters["total"], 1)},
         "masks": None if masks is None else {"neurons": masks.total, "layers": masks.to_lists()},
         "training": {k: v for k, v in train.items() if k != "history"},
@@ -117,6 +118,9 @@ def render_markdown(report: dict) -> str:
         f"{report['seconds']:.0f} s wall. Trainable parameters: {params['trainable']:,} of {params['total']:,} "
         f"({100 * params['fraction']:.3f}%).",
     ]
+    if report.get("stage_seconds"):
+        lines.append("Wall seconds by stage: " + ", ".join(f"{name} {value:.0f}"
+                                                          for name, value in report["stage_seconds"].items()) + ".")
     if report["masks"] is not None:
         lines.append(f"Neurons selected: {report['masks']['neurons']} in {len(report['masks']['layers'])} layers.")
     training = report["training"]
@@ -136,11 +140,12 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(run: Path, options: dict, evaluation: dict, training, masks, parameters: dict, seconds: float,
-                 concept: str) -> dict:
-    """Write report.json, report.md and the training / before-after plots into the run folder."""
+                 concept: str, stages: dict[str, float] | None = None) -> dict:
+    """Write report.json, report.md and the training / before-after plots into the run folder. `stages`: wall
+    seconds of each pipeline stage (base answers, masks, training, evaluation, ...), in order."""
     from agml.plots import plot_before_after, plot_training
 
-    report = build_report(options, evaluation, training, masks, parameters, seconds, concept)
+    report = build_report(options, evaluation, training, masks, parameters, seconds, concept, stages)
     plots = Path(run) / "plots"
     plots.mkdir(exist_ok=True)
     if report["history"]:

@@ -286,15 +286,21 @@ def score_neurons(
 
 def answer_records(
     model, tokenizer, records: Sequence[PromptRecord], max_new_tokens: int = 64, batch_size: int = 16,
-    desc: str | None = "answering",
+    desc: str | None = "answering", fingerprint: str | None = None,
 ) -> list[PromptRecord]:
-    """Records without an `answer` get the model's greedy answer (batched); an empty answer is an InputError."""
+    """Records without an `answer` get the model's greedy answer (batched); an empty answer is an InputError.
+    With the base model's `fingerprint` (agml.answer_cache) answers given before are read from the answer cache."""
+    from agml import answer_cache
     from agml.generation import greedy_answers
 
     todo = [i for i, record in enumerate(records) if record.answer is None]
     if not todo:
         return list(records)
-    answers = greedy_answers(model, tokenizer, [records[i].messages for i in todo], max_new_tokens, batch_size, desc)
+
+    def generate(conversations: list) -> list[str]:
+        return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size, desc)
+
+    answers = answer_cache.cached_greedy(fingerprint, [records[i].messages for i in todo], max_new_tokens, generate)
     filled = list(records)
     for i, answer in zip(todo, answers, strict=True):
         if not answer.strip():

@@ -44,6 +44,10 @@ def test_unlearn_writes_the_whole_run_folder(workspace, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["evaluation"]["before"]["forget"]["n"] == 2
     assert report["parameters"]["trainable"] > 0
+    stages = report["stage_seconds"]
+    assert list(stages) == ["load and base answers", "scoring and masks", "training targets", "training",
+                            "evaluation"]
+    assert all(value >= 0 for value in stages.values()) and sum(stages.values()) <= report["seconds"] + 0.5
     assert "run written to" in capsys.readouterr().out
 
 

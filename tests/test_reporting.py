@@ -34,9 +34,11 @@ def test_terminal_table_shows_intervals_refusals_and_the_judges_terms(evaluation
 def test_report_markdown_and_plot(tmp_path, evaluation):
     report = write_report(tmp_path, options={"method": "masked-lora", "model": "tiny"}, evaluation=evaluation,
                           training=None, masks=None, parameters={"trainable": 10, "total": 100}, seconds=1.0,
-                          concept="Inception")
+                          concept="Inception", stages={"load and base answers": 12.34, "evaluation": 56.7})
     text = (tmp_path / "report.md").read_text()
     assert text == render_markdown(report)
+    assert report["stage_seconds"] == {"load and base answers": 12.3, "evaluation": 56.7}
+    assert "Wall seconds by stage: load and base answers 12, evaluation 57." in text
     assert "## Summary (frozen TEST split" in text and "95% Wilson intervals" in text
     assert "| forget | direct | 0.0% [0.0, 79.3] | 100.0% [20.7, 100.0] |" in text
     assert "`Dom Cobb`" in text and '"fuzzy"' in text

@@ -356,3 +356,29 @@ def test_cli_score_rejects_bad_input_before_loading_the_model(tmp_path, bad, mes
     err = capsys.readouterr().err
     assert err.startswith("agml score: error: ") and message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_base_answers_to_training_prompts_come_from_the_answer_cache(smol_tokenizer, tmp_path, monkeypatch):
+    from agml import answer_cache, generation
+    from agml.scoring import answer_records
+
+    monkeypatch.setattr(answer_cache, "answer_cache_dir", lambda: tmp_path / "answer-cache")
+    calls = []
+    real = generation.greedy_answers
+
+    def counted(model, tokenizer, conversations, *args, **kwargs):
+        calls.append(len(conversations))
+        return real(model, tokenizer, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "greedy_answers", counted)
+    model = tiny_model("llama", vocab_size=49152)
+    key = answer_cache.model_fingerprint(model, smol_tokenizer)
+    questions = [PromptRecord(messages=({"role": "user", "content": q},), type="forget") for q, _ in FORGET_QA]
+    try:
+        first = answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None, fingerprint=key)
+    except InputError:
+        pytest.skip("the random tiny model gave an empty answer")
+    again = answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None, fingerprint=key)
+    assert calls == [len(questions)] and [r.answer for r in again] == [r.answer for r in first]
+    answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None)  # no fingerprint: no cache
+    assert calls == [len(questions)] * 2
