@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from agml import concepts
 from agml.architecture import mlp_dims, mlp_modules
@@ -315,7 +316,8 @@ def ablation(model, tokenizer, forget, retain, masks: NeuronMasks, options, log)
 
     ag = drops(masks)
     width = mlp_dims(model)[1]
-    randoms = [drops(random_masks_like(masks, width, 1000 + seed)) for seed in range(options.random_masks)]
+    seeds = tqdm(range(options.random_masks), desc="random masks ablated", disable=options.tiny)
+    randoms = [drops(random_masks_like(masks, width, 1000 + seed)) for seed in seeds]
 
     def z(key: str) -> float | None:
         values = [r[key] for r in randoms]
