@@ -141,12 +141,12 @@ def train_steps(
     return losses
 
 
-def leak_count(
+def leaked_answers(
     model, tokenizer, probes: Sequence[PromptRecord], facts: Mapping | None, max_new_tokens: int, batch_size: int
-) -> int:
-    """How many forget probes the model's greedy answers leak on (agml.judges.judge_probe)."""
+) -> tuple[list[str], list[bool]]:
+    """The model's greedy answers to the forget probes and whether each leaks (agml.judges.judge_probe)."""
     answers = greedy_answers(model, tokenizer, [p.messages for p in probes], max_new_tokens, batch_size)
-    return sum(not judge_probe(p, a, facts).passed for p, a in zip(probes, answers, strict=True))
+    return answers, [not judge_probe(p, a, facts).passed for p, a in zip(probes, answers, strict=True)]
 
 
 def recovery(leak_base: float, leak_unlearned: float, leak_attacked: float) -> float | None:
@@ -193,21 +193,23 @@ def relearn_attack(
         raise InputError("the relearning attack needs forget probes; the probe set has none")
     chosen = attack_slice(attack_records, probes, n_examples, seed)
     examples = [build_example(tokenizer, r.messages, r.answer) for r in chosen]
-    leaks, losses = {}, {}
+    answers, flags, losses = {}, {}, {}
+
+    def judge(attacked, key: str) -> None:
+        answers[key], flags[key] = leaked_answers(attacked, tokenizer, forget_probes, facts, max_new_tokens,
+                                                  eval_batch_size)
+
     for name, make_copy in (("unlearned", merged_copy), ("base", base_copy)):
         attacked = attacker(make_copy(model), variant, seed)
-        leaks[f"{name}_before_attack"] = leak_count(
-            attacked, tokenizer, forget_probes, facts, max_new_tokens, eval_batch_size
-        )
+        judge(attacked, f"{name}_before_attack")
         losses[name] = train_steps(
             attacked, tokenizer, examples, steps, lr, batch_size, seed, f"relearn ({name})" if progress else None
         )
-        leaks[f"{name}_after_attack"] = leak_count(
-            attacked, tokenizer, forget_probes, facts, max_new_tokens, eval_batch_size
-        )
+        judge(attacked, f"{name}_after_attack")
         del attacked
     n = len(forget_probes)
     order = ("unlearned_before_attack", "unlearned_after_attack", "base_before_attack", "base_after_attack")
+    leaks = {key: sum(flags[key]) for key in order}
     leak_rate = {key: leaks[key] / n for key in order}
     return {
         "variant": variant,
@@ -225,4 +227,8 @@ def relearn_attack(
         "seed": seed,
         "probes": n,
         "losses": losses,
+        # Per forget probe, each model's answer and whether it leaked: what the attack brought back, readable.
+        "answers": [{"prompt": probe.prompt, **{key: {"answer": answers[key][i], "leaked": flags[key][i]}
+                                                 for key in order}}
+                    for i, probe in enumerate(forget_probes)],
     }

@@ -104,6 +104,9 @@ def test_relearn_attack_trains_copies_and_reports_leaks(smol_tokenizer, variant)
         assert result["forget_pass"][key] == pytest.approx(1 - result["leak_rate"][key])
         assert result["leaks"][key]["n"] == 2 and result["leaks"][key]["rate"] == result["leak_rate"][key]
     assert (result["steps"], result["examples"], result["probes"], result["variant"]) == (8, 4, 2, variant)
+    assert [entry["prompt"] for entry in result["answers"]] == [p.prompt for p in PROBES if p.type == "forget"]
+    for key in result["leak_rate"]:
+        assert sum(entry[key]["leaked"] for entry in result["answers"]) == result["leaks"][key]["successes"]
     for name in ("unlearned", "base"):
         losses = result["losses"][name]
         assert len(losses) == 8
@@ -116,7 +119,8 @@ def test_relearn_attack_trains_copies_and_reports_leaks(smol_tokenizer, variant)
 
 
 def test_relearn_attack_default_learning_rates(monkeypatch, smol_tokenizer):
-    monkeypatch.setattr(relearn, "leak_count", lambda *args: 0)
+    monkeypatch.setattr(relearn, "leaked_answers", lambda model, tokenizer, probes, *args: (["-"] * len(probes),
+                                                                                            [False] * len(probes)))
     monkeypatch.setattr(relearn, "train_steps", lambda *args, **kwargs: [0.0])
     for variant, lr in (("lora", 1e-3), ("full", 1e-5)):
         result = relearn_attack(peft_tiny(randomise=False), smol_tokenizer, ATTACK, PROBES, steps=1, variant=variant,
