@@ -458,7 +458,8 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
     data = demo_data(model, tokenizer, options)
     masks = ag_masks(model, tokenizer, data, options)
     log(f"AG mask: {masks.total} neurons in {len(masks)} layers")
-    result = {"options": {k: v for k, v in vars(options).items()}, "neurons": masks.total,
+    result = {"options": {k: v for k, v in vars(options).items()},
+              "mask_options": dataclasses.asdict(unlearn_options(options).mask), "neurons": masks.total,
               "per_layer": {str(k): int(v.numel()) for k, v in masks.items()}}
     if "ablation" in options.parts:
         result["ablation"] = ablation(model, tokenizer, data.forget, data.retain, masks, options, log)
@@ -474,14 +475,21 @@ def main(argv: Sequence[str] | None = None, log=print) -> dict:
 
 def write_summary(path: Path, result: dict) -> None:
     """Write controls.json, keeping the parts an earlier run measured and this one did not (the parts are often
-    run as separate processes); each part's options are kept beside it."""
+    run as separate processes). `measured_with` keeps, per part, the options and the AG mask's size it ran with."""
     summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    measured = [key for key in result if key.split("_held_out")[0] in PARTS]
+    measured_with = summary.setdefault("measured_with", {})
+    for part in summary.get("options", {}).get("parts", []):  # a file written before this was kept per part
+        if part in summary:
+            measured_with.setdefault(part, _run_settings(summary))
     summary.update(result)
-    options_by_part = summary.setdefault("options_by_part", {})
-    for key in measured:
-        options_by_part[key] = result["options"]
+    for key in result:
+        if key.split("_held_out")[0] in PARTS:
+            measured_with[key] = _run_settings(result)
     path.write_text(json.dumps(summary, indent=1, default=_json_default), encoding="utf-8")
+
+
+def _run_settings(result: dict) -> dict:
+    return {key: result[key] for key in ("options", "mask_options", "neurons", "per_layer") if key in result}
 
 
 def _json_default(value):

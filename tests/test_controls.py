@@ -68,10 +68,14 @@ def test_replot_merges_sweeps_split_by_kl_weight_without_a_model(tmp_path):
 def test_summary_keeps_the_parts_an_earlier_run_measured(tmp_path):
     module = controls_module()
     path = tmp_path / "controls.json"
+    path.write_text(json.dumps({"options": {"parts": ["tradeoff"]}, "tradeoff": {"ag": {}}}))  # an older file
     module.write_summary(path, {"options": {"parts": ["overlap"]}, "neurons": 5, "overlap": {"forget_halves": 0.5}})
     module.write_summary(path, {"options": {"parts": ["ablation"]}, "neurons": 5, "ablation": {"z": 3.0},
                                 "ablation_held_out": {"z": 2.0}})
     saved = json.loads(path.read_text())
     assert saved["overlap"] == {"forget_halves": 0.5} and saved["ablation"] == {"z": 3.0}
-    assert saved["options_by_part"] == {"overlap": {"parts": ["overlap"]}, "ablation": {"parts": ["ablation"]},
-                                        "ablation_held_out": {"parts": ["ablation"]}}
+    assert saved["tradeoff"] == {"ag": {}} and saved["measured_with"] == {
+        "tradeoff": {"options": {"parts": ["tradeoff"]}},
+        "overlap": {"options": {"parts": ["overlap"]}, "neurons": 5},
+        "ablation": {"options": {"parts": ["ablation"]}, "neurons": 5},
+        "ablation_held_out": {"options": {"parts": ["ablation"]}, "neurons": 5}}
