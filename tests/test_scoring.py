@@ -374,10 +374,7 @@ def test_base_answers_to_training_prompts_come_from_the_answer_cache(smol_tokeni
     model = tiny_model("llama", vocab_size=49152)
     key = answer_cache.model_fingerprint(model, smol_tokenizer)
     questions = [PromptRecord(messages=({"role": "user", "content": q},), type="forget") for q, _ in FORGET_QA]
-    try:
-        first = answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None, fingerprint=key)
-    except InputError:
-        pytest.skip("the random tiny model gave an empty answer")
+    first = answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None, fingerprint=key)
     again = answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None, fingerprint=key)
     assert calls == [len(questions)] and [r.answer for r in again] == [r.answer for r in first]
     answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None)  # no fingerprint: no cache
