@@ -218,6 +218,7 @@ _SUBCOMMANDS.append(_add_score_parser)
 
 
 def _add_eval_parser(sub) -> None:
+    from agml.options import EvalOptions
     from agml.relearn import DEFAULT_EXAMPLES, DEFAULT_FULL_LR, DEFAULT_LR, VARIANTS
 
     p = sub.add_parser("eval", help="evaluate a run: forget/retain pass rates before and after, KL, fluency",
@@ -227,7 +228,8 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--probes", help="probes (JSONL) to use instead of the run's held-out probes")
     p.add_argument("--json", metavar="OUT", help="also write the full result to OUT (JSON; replaced atomically)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length (greedy)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=EvalOptions().eval_batch_size,
+                   help="probes answered (and scored) per batch")
     p.add_argument("--samples", type=int, default=0, metavar="N",
                    help="best-of-N sampling (temperature 0.7, seeded): a forget probe leaks if any sample leaks")
     p.add_argument("--noise-floor", type=int, default=0, metavar="SEEDS",

@@ -55,7 +55,8 @@ from agml.judges import (
     normalise,
     probe_kind,
 )
-from agml.logprobs import adapter_disabled, example_logprobs, mean_token_kl
+from agml.layers import adapter_merged
+from agml.logprobs import adapter_disabled, example_logprobs, kl_and_base_nll
 from agml.noise_floor import flip_counts, noise_floor
 from agml.stats import rate_of, wilson_interval
 
@@ -289,11 +290,12 @@ def capability_before_after(model, tokenizer, fingerprint: str | None, batch_siz
             return perplexity(model, tokenizer, chunks, batch_size)
 
     mc_before = answer_cache.cached_value(fingerprint, "mc", item_key, base_mc)
-    mc_after = choice_accuracy(model, tokenizer, items, batch_size)
+    ppl_before = answer_cache.cached_value(fingerprint, "neutral-ppl", chunk_key, base_perplexity_of_text)
+    with adapter_merged(model):
+        mc_after = choice_accuracy(model, tokenizer, items, batch_size)
+        ppl_after = perplexity(model, tokenizer, chunks, batch_size)
     known = [i for i, ok in enumerate(mc_before["item_correct_norm"]) if ok]
     kept = [bool(mc_after["item_correct_norm"][i]) for i in known]
-    ppl_before = answer_cache.cached_value(fingerprint, "neutral-ppl", chunk_key, base_perplexity_of_text)
-    ppl_after = perplexity(model, tokenizer, chunks, batch_size)
     return {
         "mc": {
             "headline": HEADLINE_MC_METRIC,
@@ -409,7 +411,8 @@ def evaluate(
             return generate(chosen, "answers (before)")
 
     before = answer_cache.cached_greedy(fingerprint, conversations, max_new_tokens, generate_base)
-    after = generate(conversations, "answers (after)")
+    with adapter_merged(model):
+        after = generate(conversations, "answers (after)")
     result = score_answers(probes, before, after, facts)
     judged = result.pop("judged")
     result["split"] = split
@@ -418,11 +421,8 @@ def evaluate(
     for key in ("refusal", "still_recommends", "fuzzy_leak"):
         result[key] = {side: rates[side][key] for side in ("before", "after")}
     result["cloze_logprob"] = _cloze_logprob(model, tokenizer, probes, before, concept_terms, batch_size, progress)
-    retain = [(p, a) for p, a in zip(probes, before, strict=True) if p.type == "retain"]
-    retain_examples = _answer_examples(tokenizer, [p for p, _ in retain], [a for _, a in retain])
-    result["retain_kl"] = mean_token_kl(model, retain_examples, pad_token_id(tokenizer), batch_size,
-                                        desc=_desc("retain KL", progress))
-    result["fluency"] = _retain_fluency(model, tokenizer, probes, before, after, batch_size, progress)
+    result["retain_kl"], result["fluency"] = _retain_kl_and_fluency(model, tokenizer, probes, before, after,
+                                                                    batch_size, progress)
     result["forget_coherence"] = {"before": forget_coherence(probes, before),
                                   "after": forget_coherence(probes, after)}
     result["capability"] = (capability_before_after(model, tokenizer, fingerprint, batch_size)
@@ -435,15 +435,19 @@ def evaluate(
     return result
 
 
-def _retain_fluency(model, tokenizer, probes, before, after, batch_size, progress) -> dict:
-    """Fluency of the RETAIN answers only (a canned refusal to a forget probe is the goal, not a fluency gain)."""
+def _retain_kl_and_fluency(model, tokenizer, probes, before, after, batch_size, progress) -> tuple[float | None, dict]:
+    """Retain KL on the base answers, and the fluency of the RETAIN answers only (a canned refusal to a forget probe
+    is the goal, not a fluency gain). The base perplexity of the base answers comes from the KL pass."""
     retain = [p for p in probes if p.type == "retain"]
-    out: dict = {"on": "retain"}
-    for name, answers in (("before", before), ("after", after)):
-        kept = [a for p, a in zip(probes, answers, strict=True) if p.type == "retain"]
-        out[name] = {**text_fluency(kept),
-                     "perplexity": base_perplexity(model, tokenizer, retain, kept, batch_size, progress)}
-    return out
+    kept = {name: [a for p, a in zip(probes, answers, strict=True) if p.type == "retain"]
+            for name, answers in (("before", before), ("after", after))}
+    kl, base_nll = kl_and_base_nll(model, _answer_examples(tokenizer, retain, kept["before"]),
+                                   pad_token_id(tokenizer), batch_size, desc=_desc("retain KL", progress))
+    fluency: dict = {"on": "retain"}
+    fluency["before"] = {**text_fluency(kept["before"]), "perplexity": None if base_nll is None else math.exp(base_nll)}
+    fluency["after"] = {**text_fluency(kept["after"]),
+                        "perplexity": base_perplexity(model, tokenizer, retain, kept["after"], batch_size, progress)}
+    return kl, fluency
 
 
 def _check_arguments(probes: Sequence[PromptRecord], max_new_tokens: int, batch_size: int) -> None:

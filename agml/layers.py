@@ -33,6 +33,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.model import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from agml.errors import AgmlError
@@ -177,14 +178,65 @@ class MaskedLoraLinear(LoraLinear):
             lora_a, lora_b = lora_a.float(), lora_b.float()
         return ((lora_b @ lora_a) * self.scaling[adapter]).to(dtype)
 
-    def merge(self, *args, **kwargs) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """PEFT's merge; a masked adapter first keeps the base rows/columns it changes, so `unmerge` is exact."""
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base.weight.dtype not in _FLOAT_DTYPES:
             raise AgmlError(
                 f"cannot merge a masked LoRA adapter into a {type(base).__name__} with {base.weight.dtype} weights "
                 "(quantised or custom Linear): use the adapter unmerged"
             )
-        super().merge(*args, **kwargs)
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
+        originals = self._merge_originals()
+        for name in names:
+            originals[name] = self._touched_slice(name)
+        try:
+            super().merge(safe_merge=safe_merge, adapter_names=names)
+        finally:
+            for name in names:  # an adapter that did not merge (safe_merge found NaNs) keeps nothing
+                if name not in self.merged_adapters:
+                    originals.pop(name, None)
+
+    def unmerge(self) -> None:
+        """PEFT's unmerge, except that a masked adapter's rows/columns get their saved pre-merge values back
+        (bit-exact; subtracting the delta again, as PEFT does, leaves rounding errors in the base weights)."""
+        if not self.merged:
+            super().unmerge()  # PEFT's "Already unmerged" warning
+            return
+        originals = self._merge_originals()
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            saved = originals.pop(name, None)
+            if name not in self.lora_A:
+                continue
+            if saved is not None:
+                dim, index, values = saved
+                base.weight.data.index_copy_(dim, index, values)
+                continue
+            base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)  # a full-size adapter
+            if self.lora_bias[name]:
+                base.bias.data -= self.lora_B[name].bias * self.scaling[name]
+
+    def exact_unmerge(self, adapter_name: str) -> bool:
+        """True when merging this adapter can be undone bit-exactly (it touches only masked rows or columns)."""
+        return any(index is not None for index in self.neuron_index(adapter_name))
+
+    def _merge_originals(self) -> dict:
+        # A plain attribute (not a buffer): the saved values must never reach a state dict or a saved adapter.
+        if "_agml_merge_originals" not in self.__dict__:
+            self.__dict__["_agml_merge_originals"] = {}
+        return self.__dict__["_agml_merge_originals"]
+
+    def _touched_slice(self, adapter_name: str) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """(dim, index, copy of the base weight there) for the rows/columns the adapter's delta can change."""
+        out_index, in_index = self.neuron_index(adapter_name)
+        weight = self.get_base_layer().weight.data
+        if out_index is not None:
+            return 0, out_index, weight.index_select(0, out_index)
+        if in_index is not None:
+            return 1, in_index, weight.index_select(1, in_index)
+        return None
 
     def _lora_term(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * lora_B(lora_A(dropout(x[..., in_index]))) in the adapter's dtype, as PEFT computes it."""
@@ -330,6 +382,45 @@ class _NeuronIds(nn.Module):
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Initialisations computed from the base weights or from data: they assume full-size factors.
 _DATA_DRIVEN_INITS = ("pissa", "olora", "corda", "loftq", "eva", "lora_ga")
+
+
+@contextlib.contextmanager
+def adapter_merged(model: nn.Module) -> Iterator[bool]:
+    """`model` with its active adapter merged into the base weights for the block; yields whether it merged.
+
+    A merged forward costs what the base model's does (one matmul per projection instead of three); the evaluation
+    runs its adapter-side passes this way. On exit every layer is unmerged bit-exactly (`MaskedLoraLinear.unmerge`
+    restores the rows/columns the adapter changed), so later base-model passes and saved weights see the same base.
+    The block runs unmerged instead (the same results up to float rounding) wherever that guarantee or the merge
+    could fail: a tuner layer that is not masked LoRA, an adapter without a neuron index, a layer already merged or
+    disabled, a quantised, hooked or non-float base layer, or several processes (sharded weights). A base-model
+    pass inside the block (`disable_adapter()`) unmerges exactly, as PEFT's layers do, and the rest runs unmerged.
+    """
+    from agml import distributed
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if distributed.world_size() > 1 or not layers or not all(_exactly_mergeable(m) for m in layers):
+        yield False
+        return
+    try:
+        for layer in layers:
+            layer.merge()
+        yield True
+    finally:
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+
+
+def _exactly_mergeable(layer: nn.Module) -> bool:
+    if not isinstance(layer, MaskedLoraLinear) or layer.merged or layer.disable_adapters:
+        return False
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or base.weight.dtype not in _FLOAT_DTYPES or _runs_hooks(base):
+        return False
+    if type(base.weight.data) is not torch.Tensor or base.weight.device.type == "meta":
+        return False
+    return all(layer.exact_unmerge(name) for name in layer.active_adapters if name in layer.lora_A)
 
 
 def _adapter_options(args: tuple, kwargs: dict) -> Mapping:

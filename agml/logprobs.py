@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from agml.data import IGNORE_INDEX, Example, collate
 from agml.errors import InputError
+from agml.layers import adapter_merged
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -144,16 +145,23 @@ def example_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id
 
 
 @torch.no_grad()
-def mean_token_kl(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
-                  desc: str | None = None) -> float | None:
-    """KL(base || model) per labelled token over `examples` (None when there are none)."""
-    total, tokens = 0.0, 0
+def kl_and_base_nll(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+                    desc: str | None = None) -> tuple[float | None, float | None]:
+    """KL(base || model) and the base model's negative log-likelihood, each per labelled token over `examples`.
+
+    One base pass and one adapter pass (merged, `agml.layers.adapter_merged`) per batch give both: the evaluation
+    wants the retain KL and the base perplexity of the same answers. (None, None) when there are no tokens.
+    """
+    kl_total, nll_total, tokens = 0.0, 0.0, 0
     for _, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
-        base_logprobs = torch.log_softmax(base_answer_logits(model, batch).logits, dim=-1)
-        logprobs = torch.log_softmax(answer_logits(model, batch).logits, dim=-1)
-        total += float((base_logprobs.exp() * (base_logprobs - logprobs)).sum())
+        base = base_answer_logits(model, batch)
+        base_logprobs = torch.log_softmax(base.logits, dim=-1)
+        with adapter_merged(model):
+            logprobs = torch.log_softmax(answer_logits(model, batch).logits, dim=-1)
+        kl_total += float((base_logprobs.exp() * (base_logprobs - logprobs)).sum())
+        nll_total -= float(base_logprobs.gather(-1, base.targets[:, None]).sum())
         tokens += base_logprobs.shape[0]
-    return total / tokens if tokens else None
+    return (kl_total / tokens, nll_total / tokens) if tokens else (None, None)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

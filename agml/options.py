@@ -133,6 +133,8 @@ class TrainOptions:
     checkpoint_every: int = option(10, "steps between adapter checkpoints (for --resume)")
     early_stop: bool = option(False, "stop once held-out forget prompts pass and retain KL is within budget")
     max_new_tokens_val: int = option(32, "answer length of the validation prompts")
+    val_batch_size: int = option(32, "held-out prompts per batch of the validation pass (no gradients, so it can "
+                                     "be larger than the training batch)")
     forget_pass_target: float = option(1.0, "share of validation forget prompts that must pass, in (0, 1]")
     val_logprob_drop: float = option(1.0, "nats/token drop that counts as forgotten (prompts without forbidden)")
     rmu_weight: float = option(
@@ -140,7 +142,7 @@ class TrainOptions:
     objective_params: dict = option({}, "extra objective parameters, e.g. {\"nll_bound\": 5.0}", cli=False)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "max_new_tokens_val"):
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "max_new_tokens_val", "val_batch_size"):
             _int(name, getattr(self, name), 1)
         _int("seed", self.seed, 0)
         _float("lr", self.lr, 0.0, low_open=True)
@@ -183,7 +185,7 @@ class EvalOptions:
     """The before/after evaluation on held-out probes."""
 
     max_new_tokens: int = option(64, "probe answer length")
-    eval_batch_size: int = option(16, "probes answered per batch")
+    eval_batch_size: int = option(32, "probes answered (and scored) per batch")
     samples: int = option(0, "best-of-N sampled answers per forget probe (temperature 0.7, seeded): a probe leaks "
                              "if any sample leaks; 0 = greedy only")
     noise_floor_seeds: int = option(

@@ -136,7 +136,8 @@ class Validator:
         self.by_terms = [r for r in forget if r.forbidden]
         self.by_logprob = [build_example(tokenizer, r.messages, _answer_of(r)) for r in forget if not r.forbidden]
         self.retain = [build_example(tokenizer, r.messages, _answer_of(r)) for r in retain]
-        self.base_logprobs = (_mean_token_logprobs(model, self.by_logprob, self.pad, config.batch_size, base=True)
+        batch = config.val_batch_size
+        self.base_logprobs = (_mean_token_logprobs(model, self.by_logprob, self.pad, batch, base=True)
                               if self.by_logprob else None)
 
     @property
@@ -147,10 +148,11 @@ class Validator:
         passes = 0
         if self.by_terms:
             answers = greedy_answers(self.model, self.tokenizer, [r.messages for r in self.by_terms],
-                                     max_new_tokens=self.config.max_new_tokens_val, batch_size=self.config.batch_size)
+                                     max_new_tokens=self.config.max_new_tokens_val,
+                                     batch_size=self.config.val_batch_size)
             passes += sum(probe_passes(r, a) for a, r in zip(answers, self.by_terms, strict=True))
         if self.by_logprob:
-            now = _mean_token_logprobs(self.model, self.by_logprob, self.pad, self.config.batch_size, base=False)
+            now = _mean_token_logprobs(self.model, self.by_logprob, self.pad, self.config.val_batch_size, base=False)
             passes += int(((self.base_logprobs - now) >= self.config.val_logprob_drop).sum())
         forget_pass = passes / self.n_forget
         kl = self.retain_kl()
@@ -165,7 +167,7 @@ class Validator:
         was_training = self.model.training
         self.model.eval()
         total, tokens = 0.0, 0
-        for chunk in _chunks(self.retain, self.config.batch_size):
+        for chunk in _chunks(self.retain, self.config.val_batch_size):
             batch = _collate(chunk, self.pad)
             current = answer_logits(self.model, batch)
             total += float(kl_per_token(base_answer_logits(self.model, batch), current)) * len(current.targets)

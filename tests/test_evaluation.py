@@ -518,3 +518,66 @@ def test_eval_cli_new_flags_reach_evaluate_and_the_attack(tmp_path, capsys, monk
     assert kwargs["variant"] == "full" and kwargs["lr"] is None and kwargs["facts"]["facts"] == ["Cobb"]
     printed = capsys.readouterr().out
     assert "frozen TEST split" in printed and "best-of-2 leak" in printed and "relearning attack (full)" in printed
+
+
+def masked_tiny(seed: int = 0):
+    """A tiny model with a random masked LoRA adapter (the evaluation merges these for its adapter passes)."""
+    from agml.layers import apply_masked_lora
+    from agml.masks import NeuronMasks
+
+    model = apply_masked_lora(tiny_model("llama", seed=seed, vocab_size=VOCAB),
+                              NeuronMasks({0: torch.tensor([1, 5, 9]), 1: torch.tensor([0, 2, 30, 31])}), r=4)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def test_kl_and_base_nll_match_separate_passes_and_leave_the_base_alone(smol_tokenizer):
+    from agml.data import build_example, collate, pad_token_id
+    from agml.logprobs import answer_logits, base_answer_logits, example_logprobs, kl_and_base_nll, kl_per_token
+
+    model = masked_tiny()
+    pad = pad_token_id(smol_tokenizer)
+    answers = ["Yes.", "Christopher Nolan directed it in 2010, I think.", "Paris is in France.", "Germany"]
+    examples = [build_example(smol_tokenizer, p.messages, a) for p, a in zip(PROBES, answers, strict=True)]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    kl, nll = kl_and_base_nll(model, examples, pad, batch_size=3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # merged and restored exactly
+    with torch.no_grad():  # reference: the adapter unmerged, one example at a time
+        per_example = [(float(kl_per_token(base_answer_logits(model, b), answer_logits(model, b))),
+                        len(answer_logits(model, b).targets)) for b in (collate([e], pad) for e in examples)]
+    tokens = sum(n for _, n in per_example)
+    assert kl == pytest.approx(sum(k * n for k, n in per_example) / tokens, rel=1e-4)
+    totals, counts = example_logprobs(model, examples, pad, base=True)
+    assert nll == pytest.approx(-sum(totals) / sum(counts), rel=1e-5) and sum(counts) == tokens
+    assert kl > 1e-3  # the random adapter does change the model
+    assert kl_and_base_nll(model, [], pad) == (None, None)
+
+
+def test_evaluation_merges_the_adapter_without_changing_results_or_the_base(monkeypatch, smol_tokenizer):
+    import contextlib
+
+    model = masked_tiny(seed=3)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    merged_result = evaluate(model, smol_tokenizer, PROBES, max_new_tokens=6, batch_size=2, capability=True,
+                             progress=False, cache=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+    @contextlib.contextmanager
+    def never_merged(model):
+        yield False
+
+    monkeypatch.setattr(evaluation, "adapter_merged", never_merged)
+    monkeypatch.setattr("agml.logprobs.adapter_merged", never_merged)
+    plain = evaluate(model, smol_tokenizer, PROBES, max_new_tokens=6, batch_size=2, capability=True, progress=False,
+                     cache=False)
+    assert [p["after"] for p in merged_result["probes"]] == [p["after"] for p in plain["probes"]]
+    assert merged_result["retain_kl"] == pytest.approx(plain["retain_kl"], rel=1e-4)
+    for side in ("before", "after"):
+        assert merged_result["fluency"][side]["perplexity"] == pytest.approx(plain["fluency"][side]["perplexity"],
+                                                                             rel=1e-5)
+    mc = merged_result["capability"]["mc"]["after"]
+    assert mc["acc_norm"] == plain["capability"]["mc"]["after"]["acc_norm"]

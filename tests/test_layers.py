@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from tiny_models import tiny_model
 from torch import nn
 
@@ -13,6 +13,7 @@ from agml.layers import (
     AGML_CONFIG,
     MaskedLoraLinear,
     adapter_masks,
+    adapter_merged,
     apply_lora,
     apply_masked_lora,
     export_baked,
@@ -188,6 +189,84 @@ def test_merge_unmerge_and_merge_and_unload(arch, input_ids):
     merged = model.merge_and_unload()
     assert not any(isinstance(m, MaskedLoraLinear) for m in merged.modules())
     torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-5, rtol=0)
+
+
+def base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {name: m.get_base_layer().weight.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, MaskedLoraLinear)}
+
+
+def assert_same_base(model: PeftModel, expected: dict[str, torch.Tensor]) -> None:
+    now = base_weights(model)
+    assert now.keys() == expected.keys()
+    assert all(torch.equal(now[name], expected[name]) for name in expected), "base weights changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_unmerge_restores_the_base_weights_bit_exactly(arch, input_ids, dtype, safe_merge):
+    # PEFT subtracts the delta again, which leaves rounding errors (in bf16 large ones); masked layers restore the
+    # rows/columns they changed, so merging for a fast evaluation never alters the base model.
+    model = masked(arch, dtype=dtype)
+    apply_masked_lora(model, OTHER_MASKS, r=RANK, adapter_name="other")
+    randomize_lora(model, "other", seed=1)
+    model.base_model.set_adapter(["default", "other"])  # two merged adapters on overlapping layers
+    before = base_weights(model)
+    for _ in range(3):
+        model.merge_adapter(safe_merge=safe_merge)
+        assert any(not torch.equal(w, before[n]) for n, w in base_weights(model).items())
+        model.unmerge_adapter()
+        assert_same_base(model, before)
+
+
+def test_a_full_size_adapter_on_a_masked_layer_still_unmerges(arch):
+    model = masked(arch)
+    # A plain LoRA adapter added to masked layers has no neuron index: unmerge falls back to PEFT's subtraction.
+    model.add_adapter("full", LoraConfig(target_modules=["up_proj"], r=RANK, init_lora_weights=False))
+    up = model.get_base_model().model.layers[1].mlp.up_proj
+    assert up.exact_unmerge("default") and not up.exact_unmerge("full")
+    original = up.get_base_layer().weight.detach().clone()
+    up.merge(adapter_names=["full"])
+    assert not torch.equal(up.get_base_layer().weight, original)
+    up.unmerge()
+    torch.testing.assert_close(up.get_base_layer().weight, original, atol=1e-6, rtol=0)
+
+
+def test_adapter_merged_is_fast_path_with_the_same_outputs(arch, input_ids):
+    model = masked(arch)
+    expected = logits(model, input_ids)
+    with model.disable_adapter():
+        base = logits(model, input_ids)
+    weights = base_weights(model)
+    with adapter_merged(model) as merged:
+        assert merged and all(m.merged for m in model.modules() if isinstance(m, MaskedLoraLinear))
+        torch.testing.assert_close(logits(model, input_ids), expected, atol=1e-5, rtol=0)
+        with model.disable_adapter():  # a base pass inside the block unmerges (exactly) and is the base model
+            assert torch.equal(logits(model, input_ids), base)
+        torch.testing.assert_close(logits(model, input_ids), expected, atol=1e-5, rtol=0)
+    assert not any(m.merged for m in model.modules() if isinstance(m, MaskedLoraLinear))
+    assert_same_base(model, weights)
+    assert torch.equal(logits(model, input_ids), expected)
+
+
+def test_adapter_merged_unmerges_when_the_block_fails(arch):
+    model = masked(arch)
+    weights = base_weights(model)
+    with pytest.raises(RuntimeError, match="boom"), adapter_merged(model):
+        raise RuntimeError("boom")
+    assert not any(m.merged for m in model.modules() if isinstance(m, MaskedLoraLinear))
+    assert_same_base(model, weights)
+
+
+def test_adapter_merged_leaves_inexact_cases_unmerged(arch, input_ids):
+    plain = apply_lora(tiny_model(arch), r=RANK)  # PEFT's own layers cannot unmerge exactly
+    with adapter_merged(plain) as merged:
+        assert not merged and not any(getattr(m, "merged", False) for m in plain.modules())
+    model = masked(arch)
+    model.merge_adapter()  # already merged by the user: left as it is
+    with adapter_merged(model) as merged:
+        assert not merged
+    assert all(m.merged for m in model.modules() if isinstance(m, MaskedLoraLinear))
 
 
 def test_two_adapters_side_by_side(arch, input_ids):
