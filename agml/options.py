@@ -157,6 +157,8 @@ class TrainOptions:
         _float("forget_pass_target", self.forget_pass_target, 0.0, 1.0, low_open=True)
         if not isinstance(self.early_stop, bool):
             raise InputError(f"option early_stop must be true or false, got {self.early_stop!r}")
+        if self.early_stop and self.val_fraction == 0:
+            _refuse("val_fraction", "be > 0 with --early-stop (it stops on held-out prompts)", self.val_fraction)
         if not isinstance(self.objective_params, dict):
             raise InputError(f"option objective_params must be a dict, got {self.objective_params!r}")
         from agml.objectives import OBJECTIVES

@@ -56,11 +56,17 @@ def run(tokenizer, seed_model: int = 0, dropout: float = 0.0, forget=None, retai
     ("steps", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -1e-3), ("eval_every", 0), ("checkpoint_every", 0),
     ("val_fraction", 1.0), ("val_fraction", -0.1), ("max_grad_norm", 0.0), ("weight_decay", -1.0),
     ("kl_weight", float("nan")), ("beta", 0.0), ("kl_budget", -0.01), ("seed", -1), ("steps", 2.5),
-    ("max_new_tokens_val", 0), ("forget_pass_target", 0.0), ("objective", "ascent"),
+    ("max_new_tokens_val", 0), ("val_batch_size", 0), ("forget_pass_target", 0.0), ("objective", "ascent"),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(InputError, match=field if field != "objective" else "unknown objective"):
         train_options(**{field: value})
+
+
+def test_early_stop_needs_held_out_prompts():
+    with pytest.raises(InputError, match="val-fraction must be > 0 with --early-stop"):
+        train_options(early_stop=True, val_fraction=0.0)
+    assert train_options(early_stop=False, val_fraction=0.0).val_fraction == 0.0
 
 
 def test_objective_params_are_checked_against_the_objective():
