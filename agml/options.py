@@ -129,7 +129,8 @@ class TrainOptions:
     seed: int = option(0, "seed of every random choice (batches, dropout, refusal texts)")
     eval_every: int = option(10, "steps between validations on held-out prompts")
     kl_budget: float = option(0.05, "retain KL (nats per answer token) that early stopping accepts")
-    val_fraction: float = option(0.2, "held-out share of the training prompts for validation, in [0, 1)")
+    val_fraction: float = option(0.0, "held-out share of the training prompts for validation during training, in "
+                                      "[0, 1); 0 trains on every prompt and validates nothing (--early-stop needs > 0)")
     checkpoint_every: int = option(10, "steps between adapter checkpoints (for --resume)")
     early_stop: bool = option(False, "stop once held-out forget prompts pass and retain KL is within budget")
     max_new_tokens_val: int = option(32, "answer length of the validation prompts")

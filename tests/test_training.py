@@ -16,7 +16,8 @@ from agml.training import batch_indices, split_validation, train_unlearning
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 FAST = dict(batch_size=2, max_new_tokens_val=4, eval_every=3, checkpoint_every=100)
 # The loop settings these tests were written against (the library defaults before `agml unlearn`'s were adopted).
-LOOP = dict(objective="npo", steps=60, batch_size=8, kl_weight=1.0, checkpoint_every=20, early_stop=True)
+LOOP = dict(objective="npo", steps=60, batch_size=8, kl_weight=1.0, checkpoint_every=20, early_stop=True,
+            val_fraction=0.2)
 
 
 def train_options(**settings) -> TrainOptions:
