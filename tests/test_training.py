@@ -158,8 +158,8 @@ def test_npo_training_lowers_forget_logprob_and_keeps_retain_close(smol_tokenize
     pad = pad_token_id(smol_tokenizer)
     forget_batch = collate([build_example(smol_tokenizer, r.messages, r.answer) for r in forget], pad, "left")
     before = sequence_logprobs(model, forget_batch).detach()
-    result = train_unlearning(model, smol_tokenizer, forget, retain,
-                              train_options(**{**FAST, "steps": 8, "lr": 1e-2, "val_fraction": 0.0}), progress=False)
+    options = train_options(**{**FAST, "steps": 8, "lr": 1e-2, "val_fraction": 0.0, "early_stop": False})
+    result = train_unlearning(model, smol_tokenizer, forget, retain, options, progress=False)
     after = sequence_logprobs(model, forget_batch).detach()
     assert (after < before - 1.0).all()
     assert result.history[-1]["forget_loss"] < result.history[0]["forget_loss"]
