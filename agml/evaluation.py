@@ -329,10 +329,14 @@ def best_of_n_leaks(model, tokenizer, probes, facts, fingerprint, samples: int, 
         with adapter_disabled(model):
             return sample("samples (before)")
 
+    def sample_after() -> list[list[str]]:
+        with adapter_merged(model):
+            return sample("samples (after)")
+
     key = {"conversations": [list(c) for c in conversations], "n": samples, "temperature": temperature,
            "seed": seed, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     sides = {"before": answer_cache.cached_value(fingerprint, "samples", key, sample_base) if forget else [],
-             "after": sample("samples (after)") if forget else []}
+             "after": sample_after() if forget else []}
     out: dict = {"n_samples": samples, "temperature": temperature, "seed": seed}
     for side, answers in sides.items():
         leaked = [best_of_n(p, a, facts).leaked for p, a in zip(forget, answers, strict=True)]
