@@ -212,7 +212,8 @@ class MaskedLoraLinear(LoraLinear):
                 continue
             if saved is not None:
                 dim, index, values = saved
-                base.weight.data.index_copy_(dim, index, values)
+                weight = base.weight.data  # moved or cast since the merge: restore in its current place and type
+                weight.index_copy_(dim, index.to(weight.device), values.to(weight.device, weight.dtype))
                 continue
             base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)  # a full-size adapter
             if self.lora_bias[name]:

@@ -219,6 +219,15 @@ def test_unmerge_restores_the_base_weights_bit_exactly(arch, input_ids, dtype, s
         assert_same_base(model, before)
 
 
+def test_unmerge_after_a_cast_restores_the_cast_base(arch):
+    model = masked(arch)
+    before = {name: w.to(torch.bfloat16) for name, w in base_weights(model).items()}
+    model.merge_adapter()
+    model.to(torch.bfloat16)
+    model.unmerge_adapter()
+    assert_same_base(model, before)
+
+
 def test_a_full_size_adapter_on_a_masked_layer_still_unmerges(arch):
     model = masked(arch)
     # A plain LoRA adapter added to masked layers has no neuron index: unmerge falls back to PEFT's subtraction.
