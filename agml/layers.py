@@ -181,7 +181,7 @@ class MaskedLoraLinear(LoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
         """PEFT's merge; a masked adapter first keeps the base rows/columns it changes, so `unmerge` is exact."""
         base = self.get_base_layer()
-        if type(base) is not nn.Linear or base.weight.dtype not in _FLOAT_DTYPES:
+        if not _plain_float_linear(base):
             raise AgmlError(
                 f"cannot merge a masked LoRA adapter into a {type(base).__name__} with {base.weight.dtype} weights "
                 "(quantised or custom Linear): use the adapter unmerged"
@@ -417,11 +417,16 @@ def _exactly_mergeable(layer: nn.Module) -> bool:
     if not isinstance(layer, MaskedLoraLinear) or layer.merged or layer.disable_adapters:
         return False
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or base.weight.dtype not in _FLOAT_DTYPES or _runs_hooks(base):
+    if not _plain_float_linear(base) or _runs_hooks(base):
         return False
     if type(base.weight.data) is not torch.Tensor or base.weight.device.type == "meta":
         return False
     return all(layer.exact_unmerge(name) for name in layer.active_adapters if name in layer.lora_A)
+
+
+def _plain_float_linear(base: nn.Module) -> bool:
+    """A base a LoRA delta can be added to in place: exactly `nn.Linear` (no quantised subclass), float weights."""
+    return type(base) is nn.Linear and base.weight.dtype in _FLOAT_DTYPES
 
 
 def _adapter_options(args: tuple, kwargs: dict) -> Mapping:

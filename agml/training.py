@@ -136,9 +136,8 @@ class Validator:
         self.by_terms = [r for r in forget if r.forbidden]
         self.by_logprob = [build_example(tokenizer, r.messages, _answer_of(r)) for r in forget if not r.forbidden]
         self.retain = [build_example(tokenizer, r.messages, _answer_of(r)) for r in retain]
-        batch = config.val_batch_size
-        self.base_logprobs = (_mean_token_logprobs(model, self.by_logprob, self.pad, batch, base=True)
-                              if self.by_logprob else None)
+        self.base_logprobs = (_mean_token_logprobs(model, self.by_logprob, self.pad, config.val_batch_size,
+                                                   base=True) if self.by_logprob else None)
 
     @property
     def n_forget(self) -> int:
