@@ -240,15 +240,6 @@ def _answer_examples(tokenizer, probes: Sequence[PromptRecord], answers: Sequenc
     return [build_example(tokenizer, p.messages, a) for p, a in zip(probes, answers, strict=True)]
 
 
-def base_perplexity(model, tokenizer, probes, answers, batch_size: int = 16, progress: bool = False) -> float | None:
-    """exp(mean NLL per answer token) of the answers under the base model (adapter disabled)."""
-    examples = _answer_examples(tokenizer, probes, answers)
-    totals, counts = example_logprobs(model, examples, pad_token_id(tokenizer), batch_size, base=True,
-                                      desc=_desc("perplexity", progress))
-    tokens = sum(counts)
-    return math.exp(-sum(totals) / tokens) if tokens else None
-
-
 # --- capability, sampling, noise floor ------------------------------------------------------------------------------
 
 
@@ -441,17 +432,32 @@ def evaluate(
 
 def _retain_kl_and_fluency(model, tokenizer, probes, before, after, batch_size, progress) -> tuple[float | None, dict]:
     """Retain KL on the base answers, and the fluency of the RETAIN answers only (a canned refusal to a forget probe
-    is the goal, not a fluency gain). The base perplexity of the base answers comes from the KL pass."""
+    is the goal, not a fluency gain). The KL pass also gives the base log-probabilities of the base answers: they are
+    the base perplexity before, and after for every answer the adapter left unchanged (most of them), so only the
+    changed answers need a pass of their own."""
     retain = [p for p in probes if p.type == "retain"]
     kept = {name: [a for p, a in zip(probes, answers, strict=True) if p.type == "retain"]
             for name, answers in (("before", before), ("after", after))}
-    kl, base_nll = kl_and_base_nll(model, _answer_examples(tokenizer, retain, kept["before"]),
-                                   pad_token_id(tokenizer), batch_size, desc=_desc("retain KL", progress))
+    pad = pad_token_id(tokenizer)
+    passes = kl_and_base_nll(model, _answer_examples(tokenizer, retain, kept["before"]), pad, batch_size,
+                             desc=_desc("retain KL", progress))
+    changed = [i for i, (b, a) in enumerate(zip(kept["before"], kept["after"], strict=True)) if a != b]
+    totals, counts = list(passes.base_totals), list(passes.counts)
+    changed_totals, changed_counts = example_logprobs(
+        model, _answer_examples(tokenizer, [retain[i] for i in changed], [kept["after"][i] for i in changed]), pad,
+        batch_size, base=True, desc=_desc("perplexity", progress))
+    for i, total, count in zip(changed, changed_totals, changed_counts, strict=True):
+        totals[i], counts[i] = total, count
     fluency: dict = {"on": "retain"}
-    fluency["before"] = {**text_fluency(kept["before"]), "perplexity": None if base_nll is None else math.exp(base_nll)}
-    fluency["after"] = {**text_fluency(kept["after"]),
-                        "perplexity": base_perplexity(model, tokenizer, retain, kept["after"], batch_size, progress)}
-    return kl, fluency
+    fluency["before"] = {**text_fluency(kept["before"]), "perplexity": _perplexity(passes.base_totals, passes.counts)}
+    fluency["after"] = {**text_fluency(kept["after"]), "perplexity": _perplexity(totals, counts)}
+    return passes.kl, fluency
+
+
+def _perplexity(totals: Sequence[float], counts: Sequence[int]) -> float | None:
+    """exp(mean NLL per token) from per-example summed log-probabilities and token counts; None without tokens."""
+    tokens = sum(counts)
+    return math.exp(-sum(totals) / tokens) if tokens else None
 
 
 def _check_arguments(probes: Sequence[PromptRecord], max_new_tokens: int, batch_size: int) -> None:

@@ -110,11 +110,14 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
 
 def _left_padded_batches(examples: Sequence[Example], pad_id: int, batch_size: int,
-                         desc: str | None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(start index, left-padded batch) over the examples; a progress bar when `desc` is given."""
-    starts = range(0, len(examples), batch_size)
+                         desc: str | None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(indices of its examples, left-padded batch), shortest examples first so that batches pad little; a progress
+    bar when `desc` is given. Callers put results back by index."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None or not examples, leave=False):
-        yield start, collate(examples[start:start + batch_size], pad_id, padding_side="left")
+        indices = order[start:start + batch_size]
+        yield indices, collate([examples[i] for i in indices], pad_id, padding_side="left")
 
 
 @contextmanager
@@ -124,6 +127,14 @@ def _maybe_base(model: torch.nn.Module, base: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def _add_per_example(out: AnswerLogits, token_logprobs: torch.Tensor, indices: list[int], totals: list[float],
+                     counts: list[int]) -> None:
+    """Accumulate one batch's per-token log-probs into per-example totals and token counts."""
+    for row, value in zip(out.rows.tolist(), token_logprobs.tolist(), strict=True):
+        totals[indices[row]] += value
+        counts[indices[row]] += 1
 
 
 @torch.no_grad()
@@ -136,32 +147,48 @@ def example_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id
     totals = [0.0] * len(examples)
     counts = [0] * len(examples)
     with _maybe_base(model, base):
-        for start, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
+        for indices, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
             out = answer_logits(model, batch)
-            for row, value in zip(out.rows.tolist(), out.token_logprobs().tolist(), strict=True):
-                totals[start + row] += value
-                counts[start + row] += 1
+            _add_per_example(out, out.token_logprobs(), indices, totals, counts)
     return totals, counts
+
+
+@dataclass
+class KlAndBaseLogprobs:
+    """`kl_and_base_nll`'s result: KL(base || model) per labelled token (None without tokens), and per example the
+    base model's summed log-probability of its labelled tokens and their count (as `example_logprobs(base=True)`)."""
+
+    kl: float | None
+    base_totals: list[float]
+    counts: list[int]
+
+    @property
+    def base_nll(self) -> float | None:
+        """The base model's mean negative log-likelihood per labelled token over all examples."""
+        tokens = sum(self.counts)
+        return -sum(self.base_totals) / tokens if tokens else None
 
 
 @torch.no_grad()
 def kl_and_base_nll(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
-                    desc: str | None = None) -> tuple[float | None, float | None]:
-    """KL(base || model) and the base model's negative log-likelihood, each per labelled token over `examples`.
+                    desc: str | None = None) -> KlAndBaseLogprobs:
+    """KL(base || model) per labelled token over `examples`, and the base model's log-probabilities of them.
 
     One base pass and one adapter pass (merged, `agml.layers.adapter_merged`) per batch give both: the evaluation
-    wants the retain KL and the base perplexity of the same answers. (None, None) when there are no tokens.
+    wants the retain KL and the base perplexity of the same answers.
     """
-    kl_total, nll_total, tokens = 0.0, 0.0, 0
-    for _, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
+    kl_total = 0.0
+    totals = [0.0] * len(examples)
+    counts = [0] * len(examples)
+    for indices, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
         base = base_answer_logits(model, batch)
         base_logprobs = torch.log_softmax(base.logits, dim=-1)
         with adapter_merged(model):
             logprobs = torch.log_softmax(answer_logits(model, batch).logits, dim=-1)
         kl_total += float((base_logprobs.exp() * (base_logprobs - logprobs)).sum())
-        nll_total -= float(base_logprobs.gather(-1, base.targets[:, None]).sum())
-        tokens += base_logprobs.shape[0]
-    return (kl_total / tokens, nll_total / tokens) if tokens else (None, None)
+        _add_per_example(base, base_logprobs.gather(-1, base.targets[:, None]).squeeze(-1), indices, totals, counts)
+    tokens = sum(counts)
+    return KlAndBaseLogprobs(kl_total / tokens if tokens else None, totals, counts)
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -182,11 +209,14 @@ def continuation_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int
     """
     if any(not tail for tails in continuations for tail in tails):
         raise InputError("a continuation has no tokens")
-    totals: list[list[float]] = []
-    starts = range(0, len(prompts), batch_size)
+    totals: list[list[float]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # shortest first: batches pad little
+    starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None or not prompts, leave=False):
-        totals += _continuation_batch(model, prompts[start:start + batch_size],
-                                      continuations[start:start + batch_size], pad_id)
+        indices = order[start:start + batch_size]
+        scores = _continuation_batch(model, [prompts[i] for i in indices], [continuations[i] for i in indices], pad_id)
+        for i, value in zip(indices, scores, strict=True):
+            totals[i] = value
     return totals
 
 

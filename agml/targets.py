@@ -160,14 +160,25 @@ def banned_stems(terms: Sequence[str], fraction: float = 0.75, min_length: int =
 
 
 def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], banned_terms: Sequence[str],
-                   max_new_tokens: int = 64, batch_size: int = 8, texts: Sequence[str] | None = None) -> list[str]:
-    """Greedy answers of the base model (adapter disabled) that never contain a banned term."""
+                   max_new_tokens: int = 64, batch_size: int = 8, texts: Sequence[str] | None = None,
+                   fingerprint: str | None = None) -> list[str]:
+    """Greedy answers of the base model (adapter disabled) that never contain a banned term.
+
+    With the base model's `fingerprint` (`agml.answer_cache.model_fingerprint`) the answers are cached like the
+    other base-model outputs: every run of a concept asks the same prompts with the same banned terms.
+    """
+    from agml import answer_cache
     from agml.generation import greedy_answers
 
-    processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms, texts)])
-    with _base_model_only(model):
-        return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size,
-                              logits_processor=processor)
+    def generate() -> list[str]:
+        processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms, texts)])
+        with _base_model_only(model):
+            return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size,
+                                  logits_processor=processor)
+
+    key = {"conversations": [list(c) for c in conversations], "banned": list(banned_terms),
+           "max_new_tokens": max_new_tokens}
+    return answer_cache.cached_value(fingerprint, "banned-greedy", key, generate)
 
 
 # --- targets ------------------------------------------------------------------------------------------------------
@@ -201,7 +212,7 @@ _TARGET_FIELDS = {f.name for f in dataclasses.fields(TargetRecord)}
 
 def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, *, concept_names: Sequence[str] | None = None, batch_size: int = 8,
-                   seed: int = 0) -> list[TargetRecord]:
+                   seed: int = 0, fingerprint: str | None = None) -> list[TargetRecord]:
     """Each forget record with its `target`, in input order (`answer` is kept as it was).
 
     Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
@@ -212,6 +223,7 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
     and decide when a recommendation request is about the concept itself (then it is a question). The other
     banned terms (key facts) are banned only where the conversation does not contain them: "List films by
     Christopher Nolan" may name Nolan in its answer, as the probes' `forbidden` lists also allow.
+    `fingerprint`: the base model's, to cache the alternative answers (`banned_answers`).
     """
     from agml.objectives import refusal_for
 
@@ -229,7 +241,7 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
     texts = token_texts(tokenizer) if groups else None
     for terms, indices in groups.items():
         generated = banned_answers(model, tokenizer, [records[i].messages for i in indices], terms, max_new_tokens,
-                                   batch_size, texts)
+                                   batch_size, texts, fingerprint)
         answers.update(zip(indices, generated, strict=True))
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds, strict=True)):

@@ -544,7 +544,8 @@ def test_kl_and_base_nll_match_separate_passes_and_leave_the_base_alone(smol_tok
     answers = ["Yes.", "Christopher Nolan directed it in 2010, I think.", "Paris is in France.", "Germany"]
     examples = [build_example(smol_tokenizer, p.messages, a) for p, a in zip(PROBES, answers, strict=True)]
     weights = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    kl, nll = kl_and_base_nll(model, examples, pad, batch_size=3)
+    passes = kl_and_base_nll(model, examples, pad, batch_size=3)
+    kl = passes.kl
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # merged and restored exactly
     with torch.no_grad():  # reference: the adapter unmerged, one example at a time
         per_example = [(float(kl_per_token(base_answer_logits(model, b), answer_logits(model, b))),
@@ -552,9 +553,44 @@ def test_kl_and_base_nll_match_separate_passes_and_leave_the_base_alone(smol_tok
     tokens = sum(n for _, n in per_example)
     assert kl == pytest.approx(sum(k * n for k, n in per_example) / tokens, rel=1e-4)
     totals, counts = example_logprobs(model, examples, pad, base=True)
-    assert nll == pytest.approx(-sum(totals) / sum(counts), rel=1e-5) and sum(counts) == tokens
+    assert passes.counts == counts  # per example, in input order although batches go shortest first
+    assert passes.base_totals == pytest.approx(totals, rel=1e-5, abs=1e-5)
+    assert passes.base_nll == pytest.approx(-sum(totals) / sum(counts), rel=1e-5) and sum(counts) == tokens
     assert kl > 1e-3  # the random adapter does change the model
-    assert kl_and_base_nll(model, [], pad) == (None, None)
+    empty = kl_and_base_nll(model, [], pad)
+    assert (empty.kl, empty.base_nll, empty.base_totals) == (None, None, [])
+
+
+def test_retain_perplexity_after_reuses_the_kl_pass_only_for_unchanged_answers(monkeypatch, smol_tokenizer):
+    from agml.data import build_example, pad_token_id
+    from agml.evaluation import _retain_kl_and_fluency
+    from agml.logprobs import example_logprobs
+
+    model = masked_tiny()
+    pad = pad_token_id(smol_tokenizer)
+    before = ["Yes.", "Dream heist.", "Christopher Nolan.", "Germany"]
+    after = ["Yes.", "I don't know.", "Christopher Nolan directed it.", "Germany"]  # one retain answer changed
+    retain = [(p, b, a) for p, b, a in zip(PROBES, before, after, strict=True) if p.type == "retain"]
+
+    def direct(answers: list[str]) -> float:
+        totals, counts = example_logprobs(
+            model, [build_example(smol_tokenizer, p.messages, x) for (p, _, _), x in zip(retain, answers, strict=True)],
+            pad, base=True)
+        return math.exp(-sum(totals) / sum(counts))
+
+    scored: list[int] = []
+
+    def counting(model_, examples, *args, **kwargs):
+        scored.append(len(examples))
+        return example_logprobs(model_, examples, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "example_logprobs", counting)
+    kl, fluency = _retain_kl_and_fluency(model, smol_tokenizer, PROBES, before, after, 2, False)
+    assert scored == [1]  # only the changed retain answer needs a pass of its own
+    assert fluency["before"]["perplexity"] == pytest.approx(direct([b for _, b, _ in retain]), rel=1e-5)
+    assert fluency["after"]["perplexity"] == pytest.approx(direct([a for _, _, a in retain]), rel=1e-5)
+    assert fluency["after"]["perplexity"] != pytest.approx(fluency["before"]["perplexity"], rel=1e-3)
+    assert kl > 0
 
 
 def test_evaluation_merges_the_adapter_without_changing_results_or_the_base(monkeypatch, smol_tokenizer):

@@ -91,6 +91,23 @@ def test_banned_terms_never_appear(tiny_lm, smol_tokenizer):
         assert not any(term.lower() in answer.lower() for term in banned), (banned, answer)
 
 
+def test_banned_answers_are_cached_per_base_model(monkeypatch, tiny_lm, smol_tokenizer):
+    from agml import answer_cache
+
+    conversations = [[{"role": "user", "content": "Recommend a film."}]]
+    fingerprint = answer_cache.model_fingerprint(tiny_lm, smol_tokenizer)
+    first = banned_answers(tiny_lm, smol_tokenizer, conversations, ["the"], max_new_tokens=8, fingerprint=fingerprint)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached answers should have been read")
+
+    monkeypatch.setattr("agml.generation.greedy_answers", no_generation)
+    assert banned_answers(tiny_lm, smol_tokenizer, conversations, ["the"], max_new_tokens=8,
+                          fingerprint=fingerprint) == first
+    with pytest.raises(AssertionError, match="cached"):  # other banned terms are another key
+        banned_answers(tiny_lm, smol_tokenizer, conversations, ["a"], max_new_tokens=8, fingerprint=fingerprint)
+
+
 def test_processor_bans_the_completion_of_a_begun_term(smol_tokenizer):
     processor = BannedTermsProcessor(smol_tokenizer, ["Inception"])
     begun = smol_tokenizer(" Incep", add_special_tokens=False)["input_ids"]
