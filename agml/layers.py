@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -187,11 +188,15 @@ class MaskedLoraLinear(LoraLinear):
                 "(quantised or custom Linear): use the adapter unmerged"
             )
         names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.lora_A]
+        if not names:
+            return
         originals = self._merge_originals()
         for name in names:
             originals[name] = self._touched_slice(name)
         try:
-            super().merge(safe_merge=safe_merge, adapter_names=names)
+            with warnings.catch_warnings():  # PEFT's merge checks again: its "already merged" warning came above
+                warnings.filterwarnings("ignore", message="Already following adapters were merged")
+                super().merge(safe_merge=safe_merge, adapter_names=names)
         finally:
             for name in names:  # an adapter that did not merge (safe_merge found NaNs) keeps nothing
                 if name not in self.merged_adapters:

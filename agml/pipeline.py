@@ -212,23 +212,17 @@ def training_options(options: UnlearnOptions, tokenizer, data: RunData):
 
 def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     """(NeuronScores, NeuronMasks) from the answered forget and retain records, as the mask options say."""
+    from agml.entities import entity_token_ids
     from agml.masks import build_masks, layer_range
-    from agml.scoring import score_records
+    from agml.scoring import score_records_at
 
     mask = options.mask
-    if mask.score_positions == "answer":
-        scores = score_records(model, tokenizer, data.forget, data.retain, mask.score_batch_size,
-                               progress=distributed.is_main())
-    else:
-        from agml.entities import entity_token_ids
-        from agml.scoring import score_records_at
-
-        neighbours = data.facts.get("neighbours", [])
-        scores = score_records_at(
-            model, tokenizer, data.forget, data.retain, entity_token_ids(tokenizer, data.terms),
-            positions=mask.score_positions,
-            retain_entity_token_ids=entity_token_ids(tokenizer, neighbours) if neighbours else (),
-            batch_size=mask.score_batch_size, progress=distributed.is_main())
+    neighbours = data.facts.get("neighbours", [])
+    scores = score_records_at(
+        model, tokenizer, data.forget, data.retain, entity_token_ids(tokenizer, data.terms),
+        positions=mask.score_positions,
+        retain_entity_token_ids=entity_token_ids(tokenizer, neighbours) if neighbours else (),
+        batch_size=mask.score_batch_size, progress=distributed.is_main())
     layers = None if mask.mask_layers is None else layer_range(mask.mask_layers, scores.num_layers)
     masks = build_masks(scores, density=mask.density, strategy=mask.strategy, score=mask.score, layers=layers,
                         retain_weight=mask.mask_retain_weight, per_layer_standardize=mask.per_layer_standardize)

@@ -368,6 +368,22 @@ def test_two_active_adapters_add_up_like_their_merged_weights(arch, input_ids):
     torch.testing.assert_close(logits(model, input_ids), both, atol=1e-5, rtol=0)
 
 
+def test_stacking_a_merge_warns_once_per_layer(arch, input_ids):
+    model = masked(arch)
+    apply_masked_lora(model, OTHER_MASKS, r=RANK, adapter_name="other")
+    randomize_lora(model, "other", seed=1)
+    model.base_model.set_adapter(["default", "other"])
+    both = logits(model, input_ids)
+    model.merge_adapter(["default"])
+    with pytest.warns(UserWarning, match="Already following adapters were merged") as caught:
+        model.merge_adapter(["other"])
+    stacked = [w for w in caught if "Already following adapters were merged" in str(w.message)]
+    stacked_on = [m for m in model.modules()
+                  if isinstance(m, MaskedLoraLinear) and {"default", "other"} <= set(m.merged_adapters)]
+    assert stacked_on and len(stacked) == len(stacked_on)  # PEFT's merge would warn a second time in each
+    torch.testing.assert_close(logits(model, input_ids), both, atol=1e-5, rtol=0)
+
+
 def test_dropout_reaches_only_the_lora_path(arch):
     model = apply_masked_lora(tiny_model(arch), MASKS, r=RANK, alpha=8, dropout=0.5)
     randomize_lora(model)
