@@ -306,14 +306,14 @@ def format_lm_eval(lm_eval: dict) -> str:
     return "\n".join(lines)
 
 
-def relearn_rows(relearn: dict) -> list[tuple[str, str, str]]:
+def relearn_rows(relearn: dict, label: str = "leak") -> list[tuple[str, str, str]]:
     """Leak rates (95% intervals) of the unlearned model and the base control, before and after the attack."""
     leaks = relearn.get("leaks")
     if leaks is None:  # a result written before leak counts were recorded: pass rates only
         rates = relearn["forget_pass"]
         return [(f"  {name} model (forget pass)", _percent(rates[f"{name}_before_attack"]),
                  _percent(rates[f"{name}_after_attack"])) for name in ("unlearned", "base")]
-    return [(f"  {name} model (leak)", _stats_rate(leaks[f"{name}_before_attack"]),
+    return [(f"  {name} model ({label})", _stats_rate(leaks[f"{name}_before_attack"]),
              _stats_rate(leaks[f"{name}_after_attack"])) for name in ("unlearned", "base")]
 
 
@@ -327,4 +327,10 @@ def format_relearn(relearn: dict) -> str:
     if "recovery" in relearn:
         lines.append(f"recovery (0 = nothing came back, 1 = back to the base's leak rate): "
                      f"{_number(relearn['recovery'])}")
+    held_out = relearn.get("held_out")
+    if held_out:  # only the leak terms the attack data does not contain (agml.relearn)
+        taught = ", ".join(held_out["taught_terms"]) or "none"
+        lines += [f"held out (leaks of terms the attack data does not contain; taught: {taught}):",
+                  *(_text_row(*row) for row in relearn_rows(held_out, "held-out leak")),
+                  f"held-out recovery: {_number(held_out['recovery'])}"]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from agml.relearn import (
     load_attack_records,
     recovery,
     relearn_attack,
+    taught_terms,
 )
 
 FACTS = {"name": "Inception", "aliases": [], "facts": ["nolan", "cobb"], "fuzzy": []}
@@ -56,6 +57,13 @@ def test_load_attack_records_needs_answers(tmp_path):
     path.write_text(json.dumps({"prompt": "Who composed the score?"}) + "\n")
     with pytest.raises(InputError, match="need an 'answer'"):
         load_attack_records(path)
+
+
+def test_taught_terms_are_the_leak_terms_the_attack_data_names():
+    forget = [p for p in PROBES if p.type == "forget"]
+    assert taught_terms(ATTACK, forget, FACTS) == ["inception", "nolan"]  # "cobb" is never in the attack data
+    quiet = [record(prompt="Tell me something.", type="forget", answer="The score is by Hans Zimmer.")]
+    assert taught_terms(quiet, forget, FACTS) == []
 
 
 def test_recovery():
@@ -105,8 +113,13 @@ def test_relearn_attack_trains_copies_and_reports_leaks(smol_tokenizer, variant)
         assert result["leaks"][key]["n"] == 2 and result["leaks"][key]["rate"] == result["leak_rate"][key]
     assert (result["steps"], result["examples"], result["probes"], result["variant"]) == (8, 4, 2, variant)
     assert [entry["prompt"] for entry in result["answers"]] == [p.prompt for p in PROBES if p.type == "forget"]
+    held_out = result["held_out"]
+    assert held_out["taught_terms"] == ["inception", "nolan"]
     for key in result["leak_rate"]:
         assert sum(entry[key]["leaked"] for entry in result["answers"]) == result["leaks"][key]["successes"]
+        untaught = [bool(set(entry[key]["leaked_terms"]) - {"inception", "nolan"}) for entry in result["answers"]]
+        assert held_out["leaks"][key]["successes"] == sum(untaught)
+        assert held_out["leak_rate"][key] <= result["leak_rate"][key]
     for name in ("unlearned", "base"):
         losses = result["losses"][name]
         assert len(losses) == 8
@@ -120,7 +133,7 @@ def test_relearn_attack_trains_copies_and_reports_leaks(smol_tokenizer, variant)
 
 def test_relearn_attack_default_learning_rates(monkeypatch, smol_tokenizer):
     monkeypatch.setattr(relearn, "leaked_answers", lambda model, tokenizer, probes, *args: (["-"] * len(probes),
-                                                                                            [False] * len(probes)))
+                                                                                            [()] * len(probes)))
     monkeypatch.setattr(relearn, "train_steps", lambda *args, **kwargs: [0.0])
     for variant, lr in (("lora", 1e-3), ("full", 1e-5)):
         result = relearn_attack(peft_tiny(randomise=False), smol_tokenizer, ATTACK, PROBES, steps=1, variant=variant,

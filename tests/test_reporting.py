@@ -54,6 +54,14 @@ def test_relearn_table_shows_leak_intervals_and_recovery():
     text = format_relearn(relearn)
     assert "relearning attack (full): 5 steps on 8 examples" in text
     assert "10.0% [1.8, 40.4] (1/10)" in text and "recovery" in text and "0.25" in text
+    assert "held out" not in text  # a result written before held-out counts
+    relearn["held_out"] = {"taught_terms": ["inception", "nolan"], "recovery": 0.125,
+                           "leaks": {"unlearned_before_attack": rate(1, 10), "unlearned_after_attack": rate(2, 10),
+                                     "base_before_attack": rate(9, 10), "base_after_attack": rate(9, 10)}}
+    text = format_relearn(relearn)
+    assert "taught: inception, nolan" in text and "held-out recovery: 0.125" in text
+    held_out_row = next(line for line in text.splitlines() if "unlearned model (held-out leak)" in line)
+    assert "20.0% [5.7, 51.0] (2/10)" in held_out_row
 
 
 def test_lm_eval_rows_show_both_sides_per_task_and_metric():
