@@ -357,11 +357,17 @@ def test_mixed_batch_rows_use_their_adapter(arch, input_ids):
     torch.testing.assert_close(mixed[1], base[1], atol=1e-5, rtol=0)
 
 
-def test_two_active_adapters_add_up_like_their_merged_weights(arch, input_ids):
+def two_active_adapters(arch: str):
+    """The masked test model with a second random adapter, both active."""
     model = masked(arch)
     apply_masked_lora(model, OTHER_MASKS, r=RANK, adapter_name="other")
     randomize_lora(model, "other", seed=1)
     model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+def test_two_active_adapters_add_up_like_their_merged_weights(arch, input_ids):
+    model = two_active_adapters(arch)
     both = logits(model, input_ids)
     assert not torch.allclose(both, logits(masked(arch), input_ids))
     model.merge_adapter()
@@ -369,10 +375,7 @@ def test_two_active_adapters_add_up_like_their_merged_weights(arch, input_ids):
 
 
 def test_stacking_a_merge_warns_once_per_layer(arch, input_ids):
-    model = masked(arch)
-    apply_masked_lora(model, OTHER_MASKS, r=RANK, adapter_name="other")
-    randomize_lora(model, "other", seed=1)
-    model.base_model.set_adapter(["default", "other"])
+    model = two_active_adapters(arch)
     both = logits(model, input_ids)
     model.merge_adapter(["default"])
     with pytest.warns(UserWarning, match="Already following adapters were merged") as caught:
