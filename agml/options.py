@@ -72,7 +72,7 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class MaskOptions:
     """Neuron scoring and selection (`agml.masks.build_masks`)."""
 
-    density: float = option(0.01, "fraction of all MLP neurons to adapt (select), in (0, 1]")
+    density: float = option(0.0025, "fraction of all MLP neurons to adapt (select), in (0, 1]")
     strategy: str = option("global", "how the neuron budget is spread over layers", choices=STRATEGIES)
     score: str = option("combined", "neuron importance statistic", choices=SCORES)
     mask_retain_weight: float = option(

@@ -182,15 +182,14 @@ def with_targets(model, tokenizer, options: UnlearnOptions, data: RunData) -> Ru
     concept's names and key facts banned (it recommends something else). Deterministic, so a resumed run
     rebuilds the same targets."""
     from agml import answer_cache
-    from agml.logprobs import adapter_disabled
-    from agml.targets import forget_targets
+    from agml.targets import base_model_only, forget_targets
 
     if options.train.objective != "forget-targets":
         return data
     banned = (*data.terms, *data.facts.get("identity", data.facts.get("facts", [])))
     cache_key = None
     if answer_cache.enabled():
-        with adapter_disabled(model):
+        with base_model_only(model):
             cache_key = answer_cache.model_fingerprint(model, tokenizer)
     forget = forget_targets(model, tokenizer, data.forget, banned, options.answer_tokens,
                             concept_names=data.terms, seed=options.train.seed, fingerprint=cache_key)

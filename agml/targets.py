@@ -146,7 +146,7 @@ class BannedTermsProcessor(LogitsProcessor):
         return scores
 
 
-def _base_model_only(model):
+def base_model_only(model):
     """The base model: a PEFT model's adapter disabled, anything else as it is."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
@@ -172,7 +172,7 @@ def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, 
 
     def generate() -> list[str]:
         processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms, texts)])
-        with _base_model_only(model):
+        with base_model_only(model):
             return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size,
                                   logits_processor=processor)
 

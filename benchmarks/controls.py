@@ -44,7 +44,7 @@ from agml import concepts
 from agml.architecture import mlp_dims, mlp_modules
 from agml.data import PromptRecord, build_example
 from agml.masks import NeuronMasks, mask_jaccard, random_masks_like
-from agml.options import TrainOptions
+from agml.options import MaskOptions, TrainOptions
 
 DEFAULT_FACTS = ("Inception", "Dom Cobb", "nolan", "dicaprio", "cobb")
 NEIGHBOURS = ("Interstellar", "The Dark Knight")
@@ -58,7 +58,7 @@ OTHER_CONCEPT = "Harry Potter"
 
 def unlearn_options(options, kl_weight: float | None = None):
     """The `agml unlearn` options of these controls: the defaults, overridden by the script's arguments."""
-    from agml.options import EvalOptions, LoraOptions, MaskOptions, UnlearnOptions
+    from agml.options import EvalOptions, LoraOptions, UnlearnOptions
 
     train = TrainOptions(objective=options.objective, steps=options.steps, batch_size=options.batch_size,
                          lr=options.lr, seed=options.seed, kl_weight=30.0 if kl_weight is None else kl_weight)
@@ -378,7 +378,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kl-weights", default="3,10,30,100")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--random-masks", type=int, default=100, help="random masks in the ablation test")
-    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--density", type=float, default=MaskOptions().density, help="agml unlearn's --density")
     parser.add_argument("--per-layer-standardize", action="store_true")
     parser.add_argument("--objective", default=TrainOptions().objective, help="training objective (agml unlearn's)")
     parser.add_argument("--rank", type=int, default=8)

@@ -17,7 +17,7 @@ def test_defaults_are_the_demo_defaults():
         "forget-targets", 30, 4, 2e-3)
     assert options.train.kl_weight == 30.0 and options.mask.mask_retain_weight == 1.0
     assert options.answer_tokens == 32 and options.train.early_stop is False
-    assert (options.mask.density, options.mask.strategy, options.mask.score) == (0.01, "global", "combined")
+    assert (options.mask.density, options.mask.strategy, options.mask.score) == (0.0025, "global", "combined")
 
 
 @pytest.mark.parametrize(("settings", "message"), [
