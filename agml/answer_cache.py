@@ -66,6 +66,16 @@ def model_fingerprint(model, tokenizer) -> str:
     return h.hexdigest()[:32]
 
 
+def base_fingerprint(model, tokenizer) -> str | None:
+    """`model_fingerprint` of the base model (a PEFT model's adapter disabled); None when the cache is off."""
+    from agml.logprobs import base_model_only
+
+    if not enabled():
+        return None
+    with base_model_only(model):
+        return model_fingerprint(model, tokenizer)
+
+
 def _read(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))

@@ -56,7 +56,7 @@ from agml.judges import (
     probe_kind,
 )
 from agml.layers import adapter_merged
-from agml.logprobs import adapter_disabled, example_logprobs, kl_and_base_nll
+from agml.logprobs import adapter_disabled, example_logprobs, kl_and_base_logprobs
 from agml.noise_floor import flip_counts, noise_floor
 from agml.stats import rate_of, wilson_interval
 
@@ -392,10 +392,7 @@ def evaluate(
         raise InputError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if facts is not None:
         facts = check_facts(facts)
-    fingerprint = None
-    if cache and answer_cache.enabled():
-        with adapter_disabled(model):
-            fingerprint = answer_cache.model_fingerprint(model, tokenizer)
+    fingerprint = answer_cache.base_fingerprint(model, tokenizer) if cache else None
     conversations = [p.messages for p in probes]
 
     def generate(chosen: list, desc: str) -> list[str]:
@@ -439,7 +436,7 @@ def _retain_kl_and_fluency(model, tokenizer, probes, before, after, batch_size, 
     kept = {name: [a for p, a in zip(probes, answers, strict=True) if p.type == "retain"]
             for name, answers in (("before", before), ("after", after))}
     pad = pad_token_id(tokenizer)
-    passes = kl_and_base_nll(model, _answer_examples(tokenizer, retain, kept["before"]), pad, batch_size,
+    passes = kl_and_base_logprobs(model, _answer_examples(tokenizer, retain, kept["before"]), pad, batch_size,
                              desc=_desc("retain KL", progress))
     changed = [i for i, (b, a) in enumerate(zip(kept["before"], kept["after"], strict=True)) if a != b]
     totals, counts = list(passes.base_totals), list(passes.counts)

@@ -41,6 +41,16 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def base_model_only(model: torch.nn.Module) -> Iterator[None]:
+    """The base model: a PEFT model's adapter disabled, any other model as it is."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
 @dataclass
 class AnswerLogits:
     """Float32 logits at every position that predicts an answer token, flattened over the batch."""
@@ -109,14 +119,19 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     return out.per_sequence_sum(out.token_logprobs())
 
 
+def _shortest_first(lengths: Sequence[int], batch_size: int, desc: str | None) -> Iterator[list[int]]:
+    """Batches of indices, shortest items first so that batches pad little; a progress bar when `desc` is given.
+    Callers put results back by index."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None or not lengths, leave=False):
+        yield order[start:start + batch_size]
+
+
 def _left_padded_batches(examples: Sequence[Example], pad_id: int, batch_size: int,
                          desc: str | None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """(indices of its examples, left-padded batch), shortest examples first so that batches pad little; a progress
-    bar when `desc` is given. Callers put results back by index."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None or not examples, leave=False):
-        indices = order[start:start + batch_size]
+    """(indices of its examples, left-padded batch), shortest examples first (`_shortest_first`)."""
+    for indices in _shortest_first([len(e.input_ids) for e in examples], batch_size, desc):
         yield indices, collate([examples[i] for i in indices], pad_id, padding_side="left")
 
 
@@ -155,22 +170,17 @@ def example_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id
 
 @dataclass
 class KlAndBaseLogprobs:
-    """`kl_and_base_nll`'s result: KL(base || model) per labelled token (None without tokens), and per example the
-    base model's summed log-probability of its labelled tokens and their count (as `example_logprobs(base=True)`)."""
+    """`kl_and_base_logprobs`'s result: KL(base || model) per labelled token (None without tokens), and per example
+    the base model's summed log-probability of its labelled tokens and their count (as `example_logprobs(base=True)`).
+    """
 
     kl: float | None
     base_totals: list[float]
     counts: list[int]
 
-    @property
-    def base_nll(self) -> float | None:
-        """The base model's mean negative log-likelihood per labelled token over all examples."""
-        tokens = sum(self.counts)
-        return -sum(self.base_totals) / tokens if tokens else None
-
 
 @torch.no_grad()
-def kl_and_base_nll(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+def kl_and_base_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
                     desc: str | None = None) -> KlAndBaseLogprobs:
     """KL(base || model) per labelled token over `examples`, and the base model's log-probabilities of them.
 
@@ -210,10 +220,7 @@ def continuation_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int
     if any(not tail for tails in continuations for tail in tails):
         raise InputError("a continuation has no tokens")
     totals: list[list[float]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # shortest first: batches pad little
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None or not prompts, leave=False):
-        indices = order[start:start + batch_size]
+    for indices in _shortest_first([len(p) for p in prompts], batch_size, desc):
         scores = _continuation_batch(model, [prompts[i] for i in indices], [continuations[i] for i in indices], pad_id)
         for i, value in zip(indices, scores, strict=True):
             totals[i] = value

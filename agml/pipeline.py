@@ -151,7 +151,7 @@ def answer_data(model, tokenizer, options: UnlearnOptions, data: RunData, log) -
 
     data = _with_proposed_neighbours(model, tokenizer, options, data, log)
     # The base model answers the same prompts in every run of a concept: the answer cache keeps them.
-    cache_key = answer_cache.model_fingerprint(model, tokenizer) if answer_cache.enabled() else None
+    cache_key = answer_cache.base_fingerprint(model, tokenizer)
     forget = answer_records(model, tokenizer, data.forget, options.answer_tokens, desc="forget answers",
                             fingerprint=cache_key)
     retain = answer_records(model, tokenizer, data.retain, options.answer_tokens, desc="retain answers",
@@ -182,17 +182,14 @@ def with_targets(model, tokenizer, options: UnlearnOptions, data: RunData) -> Ru
     concept's names and key facts banned (it recommends something else). Deterministic, so a resumed run
     rebuilds the same targets."""
     from agml import answer_cache
-    from agml.targets import base_model_only, forget_targets
+    from agml.targets import forget_targets
 
     if options.train.objective != "forget-targets":
         return data
     banned = (*data.terms, *data.facts.get("identity", data.facts.get("facts", [])))
-    cache_key = None
-    if answer_cache.enabled():
-        with base_model_only(model):
-            cache_key = answer_cache.model_fingerprint(model, tokenizer)
     forget = forget_targets(model, tokenizer, data.forget, banned, options.answer_tokens,
-                            concept_names=data.terms, seed=options.train.seed, fingerprint=cache_key)
+                            concept_names=data.terms, seed=options.train.seed,
+                            fingerprint=answer_cache.base_fingerprint(model, tokenizer))
     return dataclasses.replace(data, forget=forget)
 
 

@@ -224,18 +224,16 @@ def relearn_attack(
     n = len(forget_probes)
     order = ("unlearned_before_attack", "unlearned_after_attack", "base_before_attack", "base_after_attack")
     taught = taught_terms(chosen, forget_probes, facts)
-    held_out = {key: [bool(set(found) - set(taught)) for found in terms[key]] for key in order}
-    leaks = {key: sum(bool(found) for found in terms[key]) for key in order}
-    leak_rate = {key: leaks[key] / n for key in order}
+    summary = _leak_summary({key: [bool(found) for found in terms[key]] for key in order}, n)
+    leak_rate = summary["leak_rate"]
     return {
         "variant": variant,
-        "leak_rate": leak_rate,
-        "leaks": {key: rate(leaks[key], n) for key in order},
+        **summary,
         # Pass rate = 1 - leak rate, in the shape `agml eval` printed before.
         "forget_pass": {key: 1.0 - leak_rate[key] for key in order},
-        "recovery": _recovery_of(leak_rate),
         "base_control_change": leak_rate["base_after_attack"] - leak_rate["base_before_attack"],
-        "held_out": _held_out_summary(held_out, taught, n),
+        "held_out": {"taught_terms": taught, **_leak_summary(
+            {key: [bool(set(found) - set(taught)) for found in terms[key]] for key in order}, n)},
         "steps": steps,
         "examples": len(examples),
         "lr": lr,
@@ -251,14 +249,9 @@ def relearn_attack(
     }
 
 
-def _recovery_of(leak_rate: Mapping[str, float]) -> float | None:
-    return recovery(leak_rate["base_before_attack"], leak_rate["unlearned_before_attack"],
-                    leak_rate["unlearned_after_attack"])
-
-
-def _held_out_summary(flags: Mapping[str, list[bool]], taught: list[str], n: int) -> dict:
-    """Leak counts, rates and recovery over the leak terms the attack data does not contain."""
+def _leak_summary(flags: Mapping[str, list[bool]], n: int) -> dict:
+    """Leak rates, leak counts with intervals and the recovery, from each model's per-probe leak flags."""
     leak_rate = {key: sum(values) / n for key, values in flags.items()}
-    return {"taught_terms": taught, "leak_rate": leak_rate,
-            "leaks": {key: rate(sum(values), n) for key, values in flags.items()},
-            "recovery": _recovery_of(leak_rate)}
+    return {"leak_rate": leak_rate, "leaks": {key: rate(sum(values), n) for key, values in flags.items()},
+            "recovery": recovery(leak_rate["base_before_attack"], leak_rate["unlearned_before_attack"],
+                                 leak_rate["unlearned_after_attack"])}

@@ -15,7 +15,6 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -146,11 +145,6 @@ class BannedTermsProcessor(LogitsProcessor):
         return scores
 
 
-def base_model_only(model):
-    """The base model: a PEFT model's adapter disabled, anything else as it is."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-
-
 def banned_stems(terms: Sequence[str], fraction: float = 0.75, min_length: int = 6) -> list[str]:
     """The terms plus, for single words of at least `min_length` letters, their first `fraction` (rounded up):
     a model kept from saying "DiCaprio" otherwise writes "DiCapriro"."""
@@ -169,6 +163,7 @@ def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, 
     """
     from agml import answer_cache
     from agml.generation import greedy_answers
+    from agml.logprobs import base_model_only
 
     def generate() -> list[str]:
         processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms, texts)])

@@ -535,16 +535,16 @@ def masked_tiny(seed: int = 0):
     return model.eval()
 
 
-def test_kl_and_base_nll_match_separate_passes_and_leave_the_base_alone(smol_tokenizer):
+def test_kl_and_base_logprobs_match_separate_passes_and_leave_the_base_alone(smol_tokenizer):
     from agml.data import build_example, collate, pad_token_id
-    from agml.logprobs import answer_logits, base_answer_logits, example_logprobs, kl_and_base_nll, kl_per_token
+    from agml.logprobs import answer_logits, base_answer_logits, example_logprobs, kl_and_base_logprobs, kl_per_token
 
     model = masked_tiny()
     pad = pad_token_id(smol_tokenizer)
     answers = ["Yes.", "Christopher Nolan directed it in 2010, I think.", "Paris is in France.", "Germany"]
     examples = [build_example(smol_tokenizer, p.messages, a) for p, a in zip(PROBES, answers, strict=True)]
     weights = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    passes = kl_and_base_nll(model, examples, pad, batch_size=3)
+    passes = kl_and_base_logprobs(model, examples, pad, batch_size=3)
     kl = passes.kl
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # merged and restored exactly
     with torch.no_grad():  # reference: the adapter unmerged, one example at a time
@@ -555,10 +555,11 @@ def test_kl_and_base_nll_match_separate_passes_and_leave_the_base_alone(smol_tok
     totals, counts = example_logprobs(model, examples, pad, base=True)
     assert passes.counts == counts  # per example, in input order although batches go shortest first
     assert passes.base_totals == pytest.approx(totals, rel=1e-5, abs=1e-5)
-    assert passes.base_nll == pytest.approx(-sum(totals) / sum(counts), rel=1e-5) and sum(counts) == tokens
+    assert -sum(passes.base_totals) / sum(passes.counts) == pytest.approx(-sum(totals) / sum(counts), rel=1e-5)
+    assert sum(counts) == tokens
     assert kl > 1e-3  # the random adapter does change the model
-    empty = kl_and_base_nll(model, [], pad)
-    assert (empty.kl, empty.base_nll, empty.base_totals) == (None, None, [])
+    empty = kl_and_base_logprobs(model, [], pad)
+    assert (empty.kl, empty.base_totals, empty.counts) == (None, [], [])
 
 
 def test_retain_perplexity_after_reuses_the_kl_pass_only_for_unchanged_answers(monkeypatch, smol_tokenizer):
