@@ -1,6 +1,6 @@
-"""On-disk cache of what the BASE model ("before") produces during an evaluation: greedy answers, sampled answers,
-multiple-choice scores and neutral-text perplexity, under `$AGML_CACHE/answers/<fingerprint>/`
-(or `$AGML_ANSWER_CACHE/<fingerprint>/`).
+"""On-disk cache of what the BASE model produces: greedy answers, sampled answers, multiple-choice scores and
+neutral-text perplexity ("before" of an evaluation), and the neuron scores of a training set, under
+`$AGML_CACHE/answers/<fingerprint>/` (or `$AGML_ANSWER_CACHE/<fingerprint>/`).
 
 The base model is the same for every run of a model, so `agml eval` and `agml unlearn` recompute only the "after"
 side. The fingerprint hashes the model id, its config, the tokenizer (name and chat template) and a strided sample of
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agml import distributed
+from agml.errors import InputError
 from agml.io import atomic_write_json
 from agml.models import cache_dir, model_id
 
@@ -118,4 +119,25 @@ def cached_value(fingerprint: str | None, kind: str, key: Any, compute: Callable
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"value": value}, indent=0)
+    return value
+
+
+def cached_file(
+    fingerprint: str | None, kind: str, key: Any, compute: Callable[[], Any],
+    save: Callable[[Any, Path], None], load: Callable[[Path], Any], suffix: str = ".safetensors",
+) -> Any:
+    """A value kept in its own file format (`save(value, path)` must write atomically), keyed by `kind` and `key`;
+    a file that `load` rejects is a miss."""
+    if fingerprint is None or not enabled():
+        return compute()
+    path = answer_cache_dir() / fingerprint / f"{kind}-{digest(key)[:24]}{suffix}"
+    if path.is_file():
+        try:
+            return load(path)
+        except (InputError, OSError):
+            pass
+    value = compute()
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(value, path)
     return value

@@ -208,17 +208,26 @@ def training_options(options: UnlearnOptions, tokenizer, data: RunData):
 
 def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     """(NeuronScores, NeuronMasks) from the answered forget and retain records, as the mask options say."""
+    from agml import answer_cache
     from agml.entities import entity_token_ids
     from agml.masks import build_masks, layer_range
-    from agml.scoring import score_records_at
+    from agml.scoring import NeuronScores, score_records_at
 
     mask = options.mask
     neighbours = data.facts.get("neighbours", [])
-    scores = score_records_at(
-        model, tokenizer, data.forget, data.retain, entity_token_ids(tokenizer, data.terms),
-        positions=mask.score_positions,
-        retain_entity_token_ids=entity_token_ids(tokenizer, neighbours) if neighbours else (),
-        batch_size=mask.score_batch_size, progress=distributed.is_main())
+    concept_ids = entity_token_ids(tokenizer, data.terms)
+    neighbour_ids = entity_token_ids(tokenizer, neighbours) if neighbours else ()
+    # The scores are a base-model output like its answers: every run on the same prompts reads them from the cache.
+    key = {"forget": [(r.messages, r.answer) for r in data.forget],
+           "retain": [(r.messages, r.answer) for r in data.retain],
+           "concept": concept_ids, "neighbours": neighbour_ids, "positions": mask.score_positions,
+           "batch_size": mask.score_batch_size}
+    scores = answer_cache.cached_file(
+        answer_cache.base_fingerprint(model, tokenizer), "scores", key,
+        lambda: score_records_at(model, tokenizer, data.forget, data.retain, concept_ids,
+                                 positions=mask.score_positions, retain_entity_token_ids=neighbour_ids,
+                                 batch_size=mask.score_batch_size, progress=distributed.is_main()),
+        save=lambda value, path: value.save(path), load=NeuronScores.load)
     layers = None if mask.mask_layers is None else layer_range(mask.mask_layers, scores.num_layers)
     masks = build_masks(scores, density=mask.density, strategy=mask.strategy, score=mask.score, layers=layers,
                         retain_weight=mask.mask_retain_weight, per_layer_standardize=mask.per_layer_standardize)

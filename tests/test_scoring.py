@@ -379,3 +379,37 @@ def test_base_answers_to_training_prompts_come_from_the_answer_cache(smol_tokeni
     assert calls == [len(questions)] and [r.answer for r in again] == [r.answer for r in first]
     answer_records(model, smol_tokenizer, questions, max_new_tokens=3, desc=None)  # no fingerprint: no cache
     assert calls == [len(questions)] * 2
+
+
+def test_neuron_scores_of_a_training_set_come_from_the_answer_cache(tmp_path, smol_tiny_folder, monkeypatch):
+    """A second run on the same prompts reads the scores (bit-identical) instead of scoring; other prompts miss."""
+    import torch
+
+    from agml import answer_cache, scoring
+    from agml.cli import main
+
+    monkeypatch.setattr(answer_cache, "answer_cache_dir", lambda: tmp_path / "answer-cache")
+    calls = []
+    real = scoring.score_records_at
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_records_at", counted)
+    forget = _write_jsonl(tmp_path / "forget.jsonl", _records("forget", FORGET_QA))
+    retain = _write_jsonl(tmp_path / "retain.jsonl", _records("retain", RETAIN_QA))
+    base = ["score", "--model", str(smol_tiny_folder), "--forget", forget, "--density", "0.05"]
+    assert main([*base, "--retain", retain, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--retain", retain, "--out", str(tmp_path / "b"), "--density", "0.1"]) == 0
+    assert len(calls) == 1
+    first, again = (NeuronScores.load(tmp_path / run / "scores.safetensors") for run in "ab")
+    assert all(torch.equal(getattr(first, f"{s}_{t}"), getattr(again, f"{s}_{t}"))
+               for s in scoring.SPLITS for t in scoring.STATISTICS)
+    fewer = _write_jsonl(tmp_path / "retain-2.jsonl", _records("retain", RETAIN_QA[:-1]))
+    assert main([*base, "--retain", fewer, "--out", str(tmp_path / "c")]) == 0
+    assert len(calls) == 2
+    for path in (tmp_path / "answer-cache").rglob("scores-*"):
+        path.write_bytes(b"not a safetensors file")  # a damaged cache file is a miss, not an error
+    assert main([*base, "--retain", retain, "--out", str(tmp_path / "d")]) == 0
+    assert len(calls) == 3
