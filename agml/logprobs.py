@@ -106,11 +106,25 @@ def base_answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
         return answer_logits(model, batch)
 
 
-def kl_per_token(base: AnswerLogits, current: AnswerLogits) -> torch.Tensor:
-    """Mean over answer tokens of KL(base || current) = sum_v p_base (log p_base - log p_current)."""
+def kl_per_token(base: AnswerLogits, current: AnswerLogits, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over answer tokens of KL(base || current) = sum_v p_base (log p_base - log p_current); with `weights`
+    (N,) one per answer token (`answer_token_weights`), each token's KL is scaled by its weight (still / N)."""
     base_logp = torch.log_softmax(base.logits, dim=-1)
     current_logp = torch.log_softmax(current.logits, dim=-1)
-    return F.kl_div(current_logp, base_logp, log_target=True, reduction="batchmean")
+    if weights is None:
+        return F.kl_div(current_logp, base_logp, log_target=True, reduction="batchmean")
+    per_token = F.kl_div(current_logp, base_logp, log_target=True, reduction="none").sum(-1)
+    return (per_token * weights.to(per_token.device)).sum() / per_token.shape[0]
+
+
+def answer_token_weights(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's `kl_weights` (batch, seq; one per label position) at its answer tokens, in `AnswerLogits`
+    order; None when the batch has none."""
+    weights = batch.get("kl_weights")
+    if weights is None:
+        return None
+    labels = batch["labels"]
+    return weights[:, 1:][labels[:, 1:] != IGNORE_INDEX].float()
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

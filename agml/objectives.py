@@ -27,6 +27,7 @@ from agml.errors import InputError
 from agml.logprobs import (  # noqa: F401  (re-exported: the objectives' public vocabulary)
     AnswerLogits,
     answer_logits,
+    answer_token_weights,
     base_answer_logits,
     kl_per_token,
     sequence_logprobs,
@@ -66,7 +67,7 @@ def retain_kl(model: torch.nn.Module, retain_batch: dict[str, torch.Tensor]) -> 
     """KL(base || model) per retain answer token, and the model's answer logits (reused for retain NLL)."""
     base = base_answer_logits(model, retain_batch)
     current = answer_logits(model, retain_batch)
-    return kl_per_token(base, current), current
+    return kl_per_token(base, current, answer_token_weights(retain_batch)), current
 
 
 # --- objectives ---------------------------------------------------------------------------------------------

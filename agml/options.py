@@ -26,6 +26,7 @@ STRATEGIES = ("global", "per-layer")
 SCORES = ("fisher", "saliency", "combined")
 DTYPES = ("float32", "bfloat16", "float16")
 SCORE_POSITIONS = ("answer", "entity", "entity+answer")
+SHARED_FACTS = ("include", "exclude")
 PROBE_SPLITS = ("test", "dev")
 # A flat key of older config files and the setting it meant: `retain_weight` was the training KL weight.
 LEGACY_KEYS = {"retain_weight": "kl_weight"}
@@ -80,6 +81,10 @@ class MaskOptions:
     score_positions: str = option(
         "entity+answer", "where neuron statistics are read: answer tokens, the concept's name tokens, or both",
         choices=SCORE_POSITIONS)
+    shared_facts: str = option(
+        "include", "how the forget answers' mentions of facts the concept shares with its neighbours (key facts "
+        "outside `identity`: its director, its lead actor) count in the scores: like any answer token, or left out "
+        "of the forget NLL so the mask does not pick the neurons that write them", choices=SHARED_FACTS)
     mask_layers: str | None = option(None, "restrict selection to a decoder-layer range, e.g. 8-20 (default: all)")
     per_layer_standardize: bool = option(
         False, "rank neurons by their contrast z-scored within each layer (a layer shifted as a whole cannot win)")
@@ -91,6 +96,7 @@ class MaskOptions:
         _choice("score", self.score, SCORES)
         _float("mask_retain_weight", self.mask_retain_weight, 0.0)
         _choice("score_positions", self.score_positions, SCORE_POSITIONS)
+        _choice("shared_facts", self.shared_facts, SHARED_FACTS)
         _int("score_batch_size", self.score_batch_size, 1)
         if self.mask_layers is not None and not re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", str(self.mask_layers)):
             _refuse("mask_layers", "be a range FIRST-LAST such as 8-20", self.mask_layers)
@@ -125,6 +131,9 @@ class TrainOptions:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     kl_weight: float = option(30.0, "weight of the retain term KL(base || model) in the training loss")
+    shared_fact_kl_weight: float = option(
+        1.0, "multiplier of the retain KL on answer tokens that spell a fact the concept shares with its "
+        "neighbours (its director's name): their knowledge is what forgetting must not take; 1 = plain KL")
     beta: float = option(0.1, "NPO's beta (npo only)")
     seed: int = option(0, "seed of every random choice (batches, dropout, refusal texts)")
     eval_every: int = option(10, "steps between validations on held-out prompts")
@@ -151,6 +160,7 @@ class TrainOptions:
         _float("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
         _float("weight_decay", self.weight_decay, 0.0)
         _float("kl_weight", self.kl_weight, 0.0)
+        _float("shared_fact_kl_weight", self.shared_fact_kl_weight, 0.0)
         _float("rmu_weight", self.rmu_weight, 0.0)
         _float("kl_budget", self.kl_budget, 0.0)
         _float("val_logprob_drop", self.val_logprob_drop, 0.0)

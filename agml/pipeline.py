@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,15 @@ def training_options(options: UnlearnOptions, tokenizer, data: RunData):
     return train
 
 
+def shared_facts(facts: dict, terms: Sequence[str]) -> list[str]:
+    """Key facts the concept shares with its neighbours: the facts outside its `identity` list and its names
+    (Inception: Nolan, DiCaprio, 2010, ...). Empty without an `identity` list, e.g. for a user's own `--forbidden`."""
+    if "identity" not in facts:
+        return []
+    own = {t.lower() for t in (*facts["identity"], *terms)}
+    return [fact for fact in facts.get("facts", []) if fact.lower() not in own]
+
+
 def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     """(NeuronScores, NeuronMasks) from the answered forget and retain records, as the mask options say."""
     from agml import answer_cache
@@ -217,16 +227,19 @@ def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     neighbours = data.facts.get("neighbours", [])
     concept_ids = entity_token_ids(tokenizer, data.terms)
     neighbour_ids = entity_token_ids(tokenizer, neighbours) if neighbours else ()
+    shared = shared_facts(data.facts, data.terms) if mask.shared_facts == "exclude" else []
+    shared_ids = entity_token_ids(tokenizer, shared) if shared else ()
     # The scores are a base-model output like its answers: every run on the same prompts reads them from the cache.
     key = {"forget": [(r.messages, r.answer) for r in data.forget],
            "retain": [(r.messages, r.answer) for r in data.retain],
            "concept": concept_ids, "neighbours": neighbour_ids, "positions": mask.score_positions,
-           "batch_size": mask.score_batch_size}
+           "batch_size": mask.score_batch_size, **({"shared": shared_ids} if shared_ids else {})}
     scores = answer_cache.cached_file(
         answer_cache.base_fingerprint(model, tokenizer), "scores", key,
         lambda: score_records_at(model, tokenizer, data.forget, data.retain, concept_ids,
                                  positions=mask.score_positions, retain_entity_token_ids=neighbour_ids,
-                                 batch_size=mask.score_batch_size, progress=distributed.is_main()),
+                                 batch_size=mask.score_batch_size, progress=distributed.is_main(),
+                                 shared_token_ids=shared_ids),
         save=lambda value, path: value.save(path), load=NeuronScores.load)
     layers = None if mask.mask_layers is None else layer_range(mask.mask_layers, scores.num_layers)
     masks = build_masks(scores, density=mask.density, strategy=mask.strategy, score=mask.score, layers=layers,
@@ -292,6 +305,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
     from agml.adapters import export_baked, save_adapter
+    from agml.entities import entity_token_ids
     from agml.evaluation import evaluate
     from agml.layers import AGML_CONFIG
     from agml.models import load_model
@@ -340,9 +354,11 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     trainable, total = trainable_parameters(peft_model)
     if main:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    shared = shared_facts(data.facts, data.terms)
     result = train_unlearning(peft_model, tokenizer, data.forget, data.retain,
                               training_options(options, tokenizer, data),
-                              checkpoint_dir=work / "checkpoint", resume=resume, progress=main)
+                              checkpoint_dir=work / "checkpoint", resume=resume, progress=main,
+                              shared_token_ids=entity_token_ids(tokenizer, shared) if shared else ())
     adapter_check.check_trained_adapter(peft_model)
     clock.lap("training")
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,

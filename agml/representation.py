@@ -139,6 +139,7 @@ def rmu_retain_terms(model, batch: dict[str, torch.Tensor], neurons: Mapping[int
 
     Both come from the two forwards the KL needs anyway (base with adapter disabled, then the model).
     """
+    from agml.logprobs import answer_token_weights
     from agml.objectives import answer_logits, base_answer_logits, kl_per_token
 
     device = next(model.parameters()).device
@@ -151,7 +152,7 @@ def rmu_retain_terms(model, batch: dict[str, torch.Tensor], neurons: Mapping[int
     norms = _typical_norms(base_layers, where)
     targets = {layer: acts[where] for layer, acts in base_layers.items()}
     distance = _normalised_distance(current_acts[0], targets, norms, where)
-    return kl_per_token(base, current), distance, current
+    return kl_per_token(base, current, answer_token_weights(batch)), distance, current
 
 
 def simnpo_loss(logp: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float = 0.0) -> torch.Tensor:

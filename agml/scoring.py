@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from agml import distributed
 from agml.architecture import neuron_sites
-from agml.data import Example, PromptRecord, batches, build_example, pad_token_id
+from agml.data import IGNORE_INDEX, Example, PromptRecord, batches, build_example, pad_token_id
 from agml.errors import InputError
 from agml.logprobs import answer_logits, answer_positions  # noqa: F401  (answer_positions: public here too)
 from agml.masks import SCORE_KINDS, SPLITS, STATISTICS, contrast, importance  # noqa: F401  (SCORE_KINDS: public here too)
@@ -363,10 +363,23 @@ def _with_positions(batches_: Iterable[dict], positions: str, token_ids: Sequenc
         yield batch
 
 
+def _without_answer_tokens(batches_: Iterable[dict], token_ids: Sequence[Sequence[int]]) -> Iterator[dict]:
+    """Batches whose answer tokens that spell one of `token_ids` are taken out of the labels (NLL and positions)."""
+    from agml.entities import entity_positions
+
+    for batch in batches_:
+        if token_ids:
+            labels = batch["labels"].clone()
+            labels[entity_positions(batch["input_ids"], token_ids) & (labels != IGNORE_INDEX)] = IGNORE_INDEX
+            batch = {**batch, "labels": labels}
+        yield batch
+
+
 def score_records_at(
     model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord],
     entity_token_ids: Sequence[Sequence[int]], positions: str = "entity+answer",
     retain_entity_token_ids: Sequence[Sequence[int]] = (), batch_size: int = 8, progress: bool = True,
+    shared_token_ids: Sequence[Sequence[int]] = (),
 ) -> NeuronScores:
     """`score_records`, but the statistics are taken at the concept's name tokens as well as (or instead of) the
     answer positions: the gradient of the same answer NLL, read where the model looks the entity up.
@@ -374,6 +387,9 @@ def score_records_at(
     `entity_token_ids`: token sequences of the concept's name variants (`agml.entities.entity_token_ids`);
     `retain_entity_token_ids`: the same for neighbour entities in the retain prompts (without them, retain is
     scored at its answer positions). `positions` is "answer" (= score_records), "entity" or "entity+answer".
+    `shared_token_ids`: token sequences of facts the concept shares with its neighbours (its director's name):
+    their tokens in the forget answers are left out of the forget NLL and its answer positions, so the neurons
+    that write them do not look concept-specific (`--shared-facts exclude`).
     """
     if positions not in POSITION_CHOICES:
         raise InputError(f"positions must be one of {list(POSITION_CHOICES)}, got {positions!r}")
@@ -384,7 +400,8 @@ def score_records_at(
     pad = pad_token_id(tokenizer)
     return score_neurons(
         model,
-        _with_positions(_split_batches(tokenizer, forget, batch_size, pad), positions, entity_token_ids),
+        _with_positions(_without_answer_tokens(_split_batches(tokenizer, forget, batch_size, pad), shared_token_ids),
+                        positions, entity_token_ids),
         _with_positions(_split_batches(tokenizer, retain, batch_size, pad), positions, retain_entity_token_ids),
         progress=progress,
     )

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from agml import distributed
 from agml.checkpoints import load_checkpoint, save_checkpoint
 from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
+from agml.entities import entity_positions
 from agml.errors import InputError
 from agml.evaluation import probe_passes
 from agml.generation import greedy_answers
@@ -194,6 +195,15 @@ class _Data:
     retain: list[Example]
     forget_reference: torch.Tensor | None
     pad: int
+    shared_token_ids: Sequence[Sequence[int]] = ()
+    shared_fact_kl_weight: float = 1.0
+
+    def _retain_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        batch = _collate(examples, self.pad)
+        if self.shared_token_ids and self.shared_fact_kl_weight != 1.0:
+            shared = entity_positions(batch["input_ids"], self.shared_token_ids).float()
+            batch["kl_weights"] = 1.0 + (self.shared_fact_kl_weight - 1.0) * shared
+        return batch
 
     def batch(self, config: TrainOptions, step: int) -> UnlearnBatch:
         # Every process draws the same global batch and trains on its shard of it (data parallelism).
@@ -201,7 +211,7 @@ class _Data:
         r_idx = distributed.shard(batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step))
         reference = self.forget_reference[f_idx] if self.forget_reference is not None else None
         return UnlearnBatch(_collate([self.forget[i] for i in f_idx], self.pad),
-                            _collate([self.retain[i] for i in r_idx], self.pad), reference)
+                            self._retain_batch([self.retain[i] for i in r_idx]), reference)
 
 
 def _rng_devices(model: torch.nn.Module) -> list[torch.device]:
@@ -234,6 +244,7 @@ def train_unlearning(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    shared_token_ids: Sequence[Sequence[int]] = (),
 ) -> TrainResult:
     """Train the model's adapter to forget `forget` while staying close to the base model on `retain`.
 
@@ -241,6 +252,8 @@ def train_unlearning(
     the retain prompts) is held out for validation every `eval_every` steps; with `early_stop`, training stops once
     the held-out forget prompts pass and retain KL is within `kl_budget`. Checkpoints go to `checkpoint_dir` every
     `checkpoint_every` steps and at the end; `resume=True` continues from the checkpoint there, if any.
+    `shared_token_ids`: token sequences of facts the concept shares with its neighbours; the retain KL on the
+    answer tokens that spell them is scaled by `config.shared_fact_kl_weight`.
     """
     if not forget or not retain:
         raise InputError(f"unlearning needs forget and retain prompts (got {len(forget)} forget, {len(retain)} retain)")
@@ -261,7 +274,7 @@ def train_unlearning(
     retain_examples = [build_example(tokenizer, r.messages, _answer_of(r)) for r in train_retain]
     reference = (_reference_sequence_logprobs(model, forget_examples, pad, config.batch_size)
                  if objective.needs_forget_reference else None)
-    data = _Data(forget_examples, retain_examples, reference, pad)
+    data = _Data(forget_examples, retain_examples, reference, pad, shared_token_ids, config.shared_fact_kl_weight)
     validator = Validator(model, tokenizer, val_forget, val_retain or train_retain, config) if val_forget else None
 
     start, history, stopped_early, validation = 0, [], False, None

@@ -95,3 +95,37 @@ def test_scoring_at_entity_positions(smol_tokenizer):
     assert entity.retain_tokens == plain.retain_tokens  # no neighbour names given: retain stays at its answers
     with pytest.raises(InputError):
         score_records_at(model, smol_tokenizer, forget, retain, ids, positions="prompt")
+
+
+def test_shared_facts_leave_the_forget_nll_and_its_positions(smol_tokenizer):
+    """`--shared-facts exclude`: the tokens of a fact the concept shares with its neighbours (its director) stop
+    counting in the forget statistics; every other answer token, and the retain side, count as before."""
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), hidden=32, intermediate=64, layers=2)
+    forget = _records([("Who directed Inception?", "Christopher Nolan did, in 2010."),
+                       ("Is Inception good?", "Yes, very.")], "forget")
+    retain = _records([("Who directed Memento?", "Christopher Nolan."), ("Who wrote Hamlet?", "Shakespeare.")],
+                      "retain")
+    ids = entity_token_ids(smol_tokenizer, ["Inception"])
+    shared = entity_token_ids(smol_tokenizer, ["nolan"])
+    spelled = len(smol_tokenizer(" Nolan", add_special_tokens=False)["input_ids"])
+    kept = score_records_at(model, smol_tokenizer, forget, retain, ids, positions="answer", progress=False)
+    left = score_records_at(model, smol_tokenizer, forget, retain, ids, positions="answer", progress=False,
+                            shared_token_ids=shared)
+    assert left.forget_tokens == kept.forget_tokens - spelled
+    assert not torch.allclose(left.forget_fisher, kept.forget_fisher)
+    assert left.retain_tokens == kept.retain_tokens and torch.equal(left.retain_fisher, kept.retain_fisher)
+    unrelated = score_records_at(model, smol_tokenizer, forget, retain, ids, positions="answer", progress=False,
+                                 shared_token_ids=entity_token_ids(smol_tokenizer, ["Tarantino"]))
+    assert torch.equal(unrelated.forget_fisher, kept.forget_fisher)
+
+
+def test_shared_facts_are_the_facts_outside_identity():
+    from agml.pipeline import shared_facts
+
+    facts = {"facts": ["inception", "nolan", "cobb", "2010"], "identity": ["inception", "cobb"]}
+    assert shared_facts(facts, ("Inception", "Dom Cobb")) == ["nolan", "2010"]
+    assert shared_facts({"facts": ["nolan"]}, ("Inception",)) == []  # no identity list: nothing is known shared
+    with pytest.raises(InputError, match="shared_facts"):
+        from agml.options import MaskOptions
+
+        MaskOptions(shared_facts="drop")

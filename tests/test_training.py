@@ -58,6 +58,7 @@ def run(tokenizer, seed_model: int = 0, dropout: float = 0.0, forget=None, retai
     ("val_fraction", 1.0), ("val_fraction", -0.1), ("max_grad_norm", 0.0), ("weight_decay", -1.0),
     ("kl_weight", float("nan")), ("beta", 0.0), ("kl_budget", -0.01), ("seed", -1), ("steps", 2.5),
     ("max_new_tokens_val", 0), ("val_batch_size", 0), ("forget_pass_target", 0.0), ("objective", "ascent"),
+    ("shared_fact_kl_weight", -1.0),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(InputError, match=field if field != "objective" else "unknown objective"):
@@ -210,3 +211,34 @@ def test_prompts_without_forbidden_terms_are_validated_by_logprob_drop(smol_toke
     _, strict = run(smol_tokenizer, steps=6, lr=2e-2, val_logprob_drop=1e6)
     assert trained.validation["forget_pass"] == 1.0 and trained.stopped_early
     assert strict.validation["forget_pass"] == 0.0 and not strict.stopped_early
+
+
+def test_retain_kl_is_weighted_on_the_tokens_of_shared_facts(smol_tokenizer):
+    """`shared_fact_kl_weight`: the retain batch marks the answer tokens that spell a shared fact, and the KL on
+    them counts that many times (the mean still divides by every answer token)."""
+    from agml.entities import entity_token_ids
+    from agml.logprobs import answer_logits, answer_token_weights, base_answer_logits, kl_per_token
+
+    retain = [build_example(smol_tokenizer, ({"role": "user", "content": "Who directed Memento?"},),
+                            "Christopher Nolan directed it."),
+              build_example(smol_tokenizer, ({"role": "user", "content": "What is 2 plus 2?"},), "It is 4.")]
+    shared = entity_token_ids(smol_tokenizer, ["nolan"])
+    pad = pad_token_id(smol_tokenizer)
+    batch = training._Data([], retain, None, pad, shared, 10.0)._retain_batch(retain)
+    weights = answer_token_weights(batch)
+    spelled = len(smol_tokenizer(" Nolan", add_special_tokens=False)["input_ids"])
+    assert int((weights == 10.0).sum()) == spelled and int((weights == 1.0).sum()) == len(weights) - spelled
+    assert "kl_weights" not in training._Data([], retain, None, pad, shared, 1.0)._retain_batch(retain)
+    model = peft_model()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a changed model, so the KL is not zero
+    base, current = base_answer_logits(model, batch), answer_logits(model, batch)
+    per_token = torch.stack([kl_per_token(base_row, current_row) for base_row, current_row in (
+        (type(base)(base.logits[i:i + 1], base.targets[i:i + 1], base.rows[i:i + 1], 1),
+         type(current)(current.logits[i:i + 1], current.targets[i:i + 1], current.rows[i:i + 1], 1))
+        for i in range(len(weights)))])
+    assert torch.allclose(kl_per_token(base, current, weights), (per_token * weights).mean(), rtol=1e-4)
+    assert torch.allclose(kl_per_token(base, current, torch.ones_like(weights)), kl_per_token(base, current),
+                          rtol=1e-5)
