@@ -107,11 +107,16 @@ def cached_greedy(
     return [stored[key] for key in keys]
 
 
+def _entry_path(fingerprint: str, kind: str, key: Any, suffix: str) -> Path:
+    """Where a whole value of `kind` keyed by `key` lives (`cached_value`, `cached_file`)."""
+    return answer_cache_dir() / fingerprint / f"{kind}-{digest(key)[:24]}{suffix}"
+
+
 def cached_value(fingerprint: str | None, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
     """A whole JSON value (MC scores, perplexity, samples), keyed by `kind` and `key`."""
     if fingerprint is None or not enabled():
         return compute()
-    path = answer_cache_dir() / fingerprint / f"{kind}-{digest(key)[:24]}.json"
+    path = _entry_path(fingerprint, kind, key, ".json")
     stored = _read(path)
     if "value" in stored:
         return stored["value"]
@@ -130,7 +135,7 @@ def cached_file(
     a file that `load` rejects is a miss."""
     if fingerprint is None or not enabled():
         return compute()
-    path = answer_cache_dir() / fingerprint / f"{kind}-{digest(key)[:24]}{suffix}"
+    path = _entry_path(fingerprint, kind, key, suffix)
     if path.is_file():
         try:
             return load(path)

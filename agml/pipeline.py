@@ -216,6 +216,14 @@ def shared_facts(facts: dict, terms: Sequence[str]) -> list[str]:
     return [fact for fact in facts.get("facts", []) if fact.lower() not in own]
 
 
+def _shared_fact_token_ids(tokenizer, data: RunData, wanted: bool) -> list[list[int]] | tuple[()]:
+    """`entity_token_ids` of `shared_facts` when an option asks for them (and there are any), else ()."""
+    from agml.entities import entity_token_ids
+
+    shared = shared_facts(data.facts, data.terms) if wanted else []
+    return entity_token_ids(tokenizer, shared) if shared else ()
+
+
 def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     """(NeuronScores, NeuronMasks) from the answered forget and retain records, as the mask options say."""
     from agml import answer_cache
@@ -227,8 +235,7 @@ def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     neighbours = data.facts.get("neighbours", [])
     concept_ids = entity_token_ids(tokenizer, data.terms)
     neighbour_ids = entity_token_ids(tokenizer, neighbours) if neighbours else ()
-    shared = shared_facts(data.facts, data.terms) if mask.shared_facts == "exclude" else []
-    shared_ids = entity_token_ids(tokenizer, shared) if shared else ()
+    shared_ids = _shared_fact_token_ids(tokenizer, data, mask.shared_facts == "exclude")
     # The scores are a base-model output like its answers: every run on the same prompts reads them from the cache.
     key = {"forget": [(r.messages, r.answer) for r in data.forget],
            "retain": [(r.messages, r.answer) for r in data.retain],
@@ -305,7 +312,6 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
     from agml.adapters import export_baked, save_adapter
-    from agml.entities import entity_token_ids
     from agml.evaluation import evaluate
     from agml.layers import AGML_CONFIG
     from agml.models import load_model
@@ -354,11 +360,11 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     trainable, total = trainable_parameters(peft_model)
     if main:
         log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    shared = shared_facts(data.facts, data.terms)
     result = train_unlearning(peft_model, tokenizer, data.forget, data.retain,
                               training_options(options, tokenizer, data),
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main,
-                              shared_token_ids=entity_token_ids(tokenizer, shared) if shared else ())
+                              shared_token_ids=_shared_fact_token_ids(
+                                  tokenizer, data, options.train.shared_fact_kl_weight != 1.0))
     adapter_check.check_trained_adapter(peft_model)
     clock.lap("training")
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,
