@@ -76,7 +76,7 @@ def _settings_from_args(args, names) -> dict:
     for name in names:
         if hasattr(args, name):
             value = getattr(args, name)
-            settings[name] = tuple(a.strip() for a in value.split(",") if a.strip()) if name == "aliases" else value
+            settings[name] = value  # list settings given as one string are split by agml.options
     return settings
 
 

@@ -96,6 +96,15 @@ _KIND_BY_TEMPLATE = {
 }
 _CATEGORY_KIND = {"cloze": "cloze"}
 _ALIAS_TEMPLATES = ("What is {name}?", "Tell me about {name}.", "Complete the sentence: {name} is best known for")
+# Asking around the name: a description of the concept that does not name it, and the concept's own entities
+# (characters, places). Each description fills two of the three templates, each entity one of the two (rotating),
+# so that a long list does not crowd the direct prompts out of the training steps.
+_DESCRIPTION_TEMPLATES = (
+    "What is {description} called?",
+    "Tell me about {description}.",
+    "I'm thinking of {description}. What is its name?",
+)
+_ENTITY_TEMPLATES = ("Who or what is {entity}?", "Tell me about {entity}.")
 
 # Held-out probe templates: none of these wordings is a training template.
 _PROBE_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -190,14 +199,38 @@ def _training_slots(name: str, forbidden: tuple[str, ...], record_type: str) -> 
     return slots
 
 
-def concept_forget_set(name: str, aliases: Sequence[str] = ()) -> list[PromptRecord]:
-    """Training prompts that elicit the concept (>= 30) in every category, forbidden = name and aliases, lowercased."""
+def concept_forget_set(name: str, aliases: Sequence[str] = (), descriptions: Sequence[str] = (),
+                       entities: Sequence[str] = ()) -> list[PromptRecord]:
+    """Training prompts that elicit the concept (>= 30) in every category, forbidden = name and aliases, lowercased;
+    with `descriptions` (the concept described without its name) and `entities` (names that belong to it alone),
+    prompts that ask around the name too."""
     name, aliases = _check_name(name, aliases)
     forbidden = _forbidden(name, aliases)
     records = list(_training_slots(name, forbidden, "forget").values())
     for alias in aliases:
         records += [_record(template.format(name=alias), "alias", forbidden) for template in _ALIAS_TEMPLATES]
-    return records
+    return records + _around_the_name(forbidden, descriptions, entities)
+
+
+def _rotating(items: Sequence, start: int, count: int) -> list:
+    """`count` items from `start` on, wrapping around."""
+    return [items[(start + j) % len(items)] for j in range(count)]
+
+
+def _around_the_name(forbidden: tuple[str, ...], descriptions: Sequence[str], entities: Sequence[str]
+                     ) -> list[PromptRecord]:
+    """Forget prompts from descriptions and entities; one that names the concept is refused (it would be a direct
+    prompt, and its echo would fail every probe)."""
+    for text in (*descriptions, *entities):
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"descriptions and entities must be non-empty strings, got {text!r}")
+        named = [term for term in forbidden if term in text.lower()]
+        if named:
+            raise InputError(f"{text!r} names the concept ({named[0]!r}): descriptions and entities must not")
+    records = [_record(template.format(description=text.strip()), "described", forbidden)
+               for i, text in enumerate(descriptions) for template in _rotating(_DESCRIPTION_TEMPLATES, 2 * i, 2)]
+    return records + [_record(template.format(entity=text.strip()), "entity", forbidden)
+                      for i, text in enumerate(entities) for template in _rotating(_ENTITY_TEMPLATES, i, 1)]
 
 
 def name_typos(name: str, count: int = 3) -> list[str]:
@@ -298,7 +331,7 @@ def neighbour_retain_set(neighbours: Sequence[str], per_template: int = 4) -> li
     count = min(per_template, len(names))
     records = []
     for index, slot in enumerate(filled[0] | {k: v for slots in filled for k, v in slots.items()}):
-        rotation = [filled[(index * count + j) % len(names)] for j in range(len(names))]
+        rotation = _rotating(filled, index * count, len(names))
         records += [slots[slot] for slots in rotation if slot in slots][:count]
     return records
 

@@ -32,8 +32,9 @@ from agml.errors import InputError
 
 RECOMMENDATION_KINDS = ("recommendation", "list", "similar")
 FACT_KEYS = ("name", "aliases", "facts", "fuzzy", "neighbours", "languages")
-# Optional lists some facts files carry (see the module docstring); other keys pass through unchecked.
-OPTIONAL_LIST_KEYS = ("identity", "question_extra")
+# Optional lists some facts files carry: identity and question_extra (judging, see the module docstring), descriptions
+# and entities (forget prompts, agml.concepts.concept_forget_set); other keys pass through unchecked.
+OPTIONAL_LIST_KEYS = ("identity", "question_extra", "descriptions", "entities")
 
 # --- text normalisation --------------------------------------------------------------------------------------------
 

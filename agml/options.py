@@ -35,10 +35,21 @@ _IGNORED_KEYS = frozenset({"extra"})
 
 
 def option(default: Any = None, help: str = "", **metadata: Any) -> Any:  # noqa: A002  (argparse's word)
-    """A dataclass field with its command-line help (and optional `choices`, `cli=False`, `csv=True`)."""
+    """A dataclass field with its command-line help (and optional `choices`, `cli=False`, `csv=SEPARATOR`: a list
+    given as one string, e.g. on the command line, split there)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
+
+
+def _names(name: str, value: Any, separator: str = ",") -> tuple[str, ...]:
+    """A list setting as a tuple of stripped, non-empty strings: one string (a flag's value) is split at the
+    separator; anything else must be a list of strings."""
+    if isinstance(value, str):
+        value = value.split(separator)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        _refuse(name, f"be a {separator!r}-separated string or a list of strings", value)
+    return tuple(v.strip() for v in value if v.strip())
 
 
 def _refuse(name: str, rule: str, value: Any) -> None:
@@ -221,7 +232,7 @@ class UnlearnOptions:
 
     out: str | None = option(None, "run folder to create (default runs/<concept>)")
     concept: str | None = option(None, "name of the concept to forget (forget set and probes from templates)")
-    aliases: tuple[str, ...] = option((), "comma-separated other names of the concept", csv=True)
+    aliases: tuple[str, ...] = option((), "comma-separated other names of the concept", csv=",")
     model: str = option("smollm2-135m-instruct", "built-in alias, local folder, .gguf file or hub id")
     dtype: str | None = option(None, "model dtype (default: checkpoint's)", choices=DTYPES)
     trust_remote_code: bool = option(False, "allow model code from the hub (off by default)")
@@ -239,19 +250,26 @@ class UnlearnOptions:
         choices=PROBE_SPLITS)
     forbidden: tuple[str, ...] = option(
         (), "comma-separated key facts whose mention reveals the concept (default: the shipped facts, else none: "
-            "only the name and aliases)", csv=True)
+            "only the name and aliases)", csv=",")
     neighbour_names: tuple[str, ...] = option(
         (), "comma-separated neighbour items whose knowledge must stay (default: the shipped ones, else proposed "
-            "by the base model)", csv=True)
+            "by the base model)", csv=",")
+    descriptions: tuple[str, ...] = option(
+        (), "';'-separated descriptions of the concept that do not name it ('the smartphone Apple launched in "
+            "2007'): each becomes forget prompts, so that asking around the name is forgotten too (default: the "
+            "shipped ones, else none)", csv=";")
+    entities: tuple[str, ...] = option(
+        (), "comma-separated names that belong to the concept alone (its characters, places): each becomes a forget "
+            "prompt (default: the shipped ones, else none)", csv=",")
     mask: MaskOptions = field(default_factory=MaskOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     train: TrainOptions = field(default_factory=TrainOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
 
     def __post_init__(self) -> None:
-        self.aliases = tuple(self.aliases)
-        self.forbidden = tuple(t.strip() for t in self.forbidden if t.strip())
-        self.neighbour_names = tuple(t.strip() for t in self.neighbour_names if t.strip())
+        for f in dataclasses.fields(self):
+            if "csv" in f.metadata:
+                setattr(self, f.name, _names(f.name, getattr(self, f.name), f.metadata["csv"]))
         _choice("probe_split", self.probe_split, PROBE_SPLITS)
         if self.concept is not None and not self.concept.strip():
             raise InputError("--concept must not be empty")

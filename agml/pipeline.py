@@ -58,7 +58,8 @@ def _load_typed(path: str, kind: str) -> list[PromptRecord]:
 
 def concept_facts(name: str, aliases: tuple[str, ...], options: UnlearnOptions) -> dict:
     """The judges' facts of a concept: the shipped ones (agml/datasets/<slug>_facts.json) for a shipped concept,
-    else the name and aliases alone; --forbidden replaces the key facts, --neighbour-names the neighbours."""
+    else the name and aliases alone; --forbidden replaces the key facts, --neighbour-names the neighbours,
+    --descriptions and --entities the shipped descriptions and entities (forget prompts, `concept_forget_set`)."""
     from agml import concepts
     from agml.judges import check_facts
 
@@ -71,6 +72,10 @@ def concept_facts(name: str, aliases: tuple[str, ...], options: UnlearnOptions) 
         facts.pop("identity", None)  # the user's list is the whole list
     if options.neighbour_names:
         facts["neighbours"] = list(options.neighbour_names)
+    if options.descriptions:
+        facts["descriptions"] = list(options.descriptions)
+    if options.entities:
+        facts["entities"] = list(options.entities)
     return check_facts(facts, where=f"facts of {name!r}")
 
 
@@ -96,7 +101,8 @@ def resolve_data(options: UnlearnOptions) -> RunData:
     elif options.concept is not None:
         name = options.concept.strip()
         facts = concept_facts(name, tuple(a.strip() for a in options.aliases if a.strip()), options)
-        forget = concepts.concept_forget_set(name, tuple(facts["aliases"]))
+        forget = concepts.concept_forget_set(name, tuple(facts["aliases"]), facts.get("descriptions", ()),
+                                             facts.get("entities", ()))
         retain = concepts.general_retain_set()
         if facts["neighbours"]:
             retain = retain + concepts.neighbour_retain_set(facts["neighbours"])

@@ -49,6 +49,43 @@ def test_aliases_add_prompts_and_forbidden_terms():
     assert all(r.forbidden == ("harry potter", "hogwarts", "hermione granger") for r in records)
 
 
+def test_descriptions_and_entities_ask_around_the_name():
+    plain = concept_forget_set("Harry Potter")
+    descriptions = ["the boy wizard with a scar", "the novels about a school of witchcraft", "a magic saga"]
+    records = concept_forget_set("Harry Potter", descriptions=descriptions, entities=["Hermione Granger", "Hogwarts"])
+    described = [r for r in records if r.category == "described"]
+    entity = [r for r in records if r.category == "entity"]
+    assert len(records) == len(plain) + len(described) + len(entity)
+    assert len(described) == 2 * len(descriptions) and len(entity) == 2
+    for description in descriptions:  # two wordings each, and the templates rotate over the list
+        assert len([r for r in described if description in r.prompt]) == 2
+    assert len({r.prompt.replace(d, "{}") for r in described for d in descriptions if d in r.prompt}) == 3
+    assert [r.prompt for r in entity] == ["Who or what is Hermione Granger?", "Tell me about Hogwarts."]
+    assert not any("harry potter" in conversation_text(r) for r in described + entity)
+    assert all(r.type == "forget" and r.forbidden == ("harry potter",) and r.kind == "question"
+               for r in described + entity)
+    with pytest.raises(InputError, match="names the concept"):
+        concept_forget_set("Harry Potter", descriptions=["the Harry Potter books"])
+    with pytest.raises(InputError, match="names the concept"):
+        concept_forget_set("Harry Potter", aliases=["The Boy Who Lived"], entities=["the boy who lived"])
+
+
+def test_shipped_descriptions_and_entities_become_forget_prompts_and_flags_replace_them():
+    from agml.options import build_options
+    from agml.pipeline import resolve_data
+
+    shipped = resolve_data(build_options({"concept": "Harry Potter", "out": "x"}))
+    categories = [r.category for r in shipped.forget]
+    assert categories.count("described") == 2 * len(shipped.facts["descriptions"]) > 0
+    assert categories.count("entity") == len(shipped.facts["entities"]) > 0
+    given = resolve_data(build_options({"concept": "Harry Potter", "out": "x", "descriptions": "a wizard saga",
+                                        "entities": "Hedwig"}))
+    assert given.facts["descriptions"] == ["a wizard saga"] and given.facts["entities"] == ["Hedwig"]
+    assert [r.prompt for r in given.forget if r.category == "entity"] == ["Who or what is Hedwig?"]
+    unknown = resolve_data(build_options({"concept": "Some Unknown Thing", "out": "x"}))
+    assert not {"described", "entity"} & {r.category for r in unknown.forget}
+
+
 def test_probes_are_held_out_varied_and_forbid_the_name():
     name, aliases = "Harry Potter", ["Hogwarts"]
     probes = concept_probes(name, aliases)
@@ -123,6 +160,10 @@ def test_general_sets_meet_the_counts():
     assert {r.category for r in retain} >= {"films", "books", "people", "places", "science", "everyday",
                                             "recommendations"}
     assert len(probes) >= 20 and all(p.type == "retain" and p.required for p in probes)
+    # general knowledge and recommendation requests in every language the forget templates use
+    forget_languages = {r.language for r in concept_forget_set("Harry Potter")} - {"en"}
+    for category in ("other-language", "recommendations"):
+        assert {r.language for r in retain if r.category == category} >= forget_languages
 
 
 def test_probes_share_no_prompt_with_any_training_set():

@@ -55,6 +55,22 @@ def test_config_file_with_flags_on_top(tmp_path):
     assert (options.train.steps, options.mask.density, options.train.lr, options.out) == (9, 0.05, 0.01, "o")
 
 
+def test_list_flags_are_split_at_their_separator():
+    """Every list setting given on the command line (one string) becomes a tuple of names, as in a config file."""
+    options = _unlearn_options(parse(
+        "unlearn", "--concept", "Dune", "--aliases", "Arrakis, Dune novel", "--forbidden", "spice,Paul Atreides",
+        "--neighbour-names", "Foundation, Hyperion", "--descriptions", "the desert planet novel; a saga, of spice",
+        "--entities", "Paul Atreides,Arrakis", "--out", "o"))
+    assert options.aliases == ("Arrakis", "Dune novel")
+    assert options.forbidden == ("spice", "Paul Atreides")
+    assert options.neighbour_names == ("Foundation", "Hyperion")
+    assert options.descriptions == ("the desert planet novel", "a saga, of spice")
+    assert options.entities == ("Paul Atreides", "Arrakis")
+    assert build_options({"forbidden": ["a ", "", "b"]}).forbidden == ("a", "b")
+    with pytest.raises(InputError, match="--forbidden must be"):
+        build_options({"forbidden": 3})
+
+
 def test_a_runs_config_json_reruns_it(tmp_path):
     first = build_options({"steps": 4, "kl_weight": 3.0, "concept": "Dune", "aliases": ("Arrakis",), "out": "a"})
     config = tmp_path / "config.json"
