@@ -39,7 +39,7 @@ def _score_settings() -> tuple[str, ...]:
     from agml.options import leaf_fields
 
     data_and_model = ("concept", "aliases", "model", "dtype", "trust_remote_code", "forget", "retain", "neighbours",
-                      "answer_tokens")
+                      "answer_tokens", "forbidden", "neighbour_names", "descriptions", "entities")
     mask = tuple(name for name, (part, _) in leaf_fields().items() if part == "mask")
     return (*data_and_model, *mask, "seed")
 

@@ -96,6 +96,15 @@ def test_score_and_unlearn_share_mask_and_answer_defaults():
     assert _score_options(parse("score", "--out", "o", "--max-new-tokens", "48")).answer_tokens == 48
 
 
+def test_score_takes_the_concept_data_unlearn_takes():
+    """The facts that shape the forget and retain sets shape the masks too, so `agml score` takes them."""
+    argv = ("--out", "o", "--concept", "Dune", "--forbidden", "spice", "--neighbour-names", "Foundation",
+            "--descriptions", "the desert planet novel", "--entities", "Arrakis")
+    score, unlearn = _score_options(parse("score", *argv)), _unlearn_options(parse("unlearn", *argv))
+    for name in ("forbidden", "neighbour_names", "descriptions", "entities"):
+        assert getattr(score, name) == getattr(unlearn, name) != ()
+
+
 def test_score_takes_every_mask_setting_unlearn_takes():
     argv = ("--out", "o", "--score-positions", "entity", "--mask-layers", "2-5", "--per-layer-standardize",
             "--score-batch-size", "3")
