@@ -74,9 +74,8 @@ def _settings_from_args(args, names) -> dict:
 
     settings = read_options_file(args.config) if getattr(args, "config", None) else {}
     for name in names:
-        if hasattr(args, name):
-            value = getattr(args, name)
-            settings[name] = value  # list settings given as one string are split by agml.options
+        if hasattr(args, name):  # list settings given as one string are split by agml.options
+            settings[name] = getattr(args, name)
     return settings
 
 

@@ -56,7 +56,7 @@ def _load_typed(path: str, kind: str) -> list[PromptRecord]:
     return records
 
 
-def concept_facts(name: str, aliases: tuple[str, ...], options: UnlearnOptions) -> dict:
+def concept_facts(name: str, options: UnlearnOptions) -> dict:
     """The judges' facts of a concept: the shipped ones (agml/datasets/<slug>_facts.json) for a shipped concept,
     else the name and aliases alone; --forbidden replaces the key facts, --neighbour-names the neighbours,
     --descriptions and --entities the shipped descriptions and entities (forget prompts, `concept_forget_set`)."""
@@ -66,7 +66,7 @@ def concept_facts(name: str, aliases: tuple[str, ...], options: UnlearnOptions) 
     slug = concepts.concept_slug(name)
     facts = (concepts.load_facts(slug) if slug in concepts.shipped_concepts()
              else {"name": name, "aliases": [], "facts": [], "fuzzy": [], "neighbours": [], "languages": []})
-    facts["aliases"] = list(dict.fromkeys([*facts.get("aliases", []), *aliases]))
+    facts["aliases"] = list(dict.fromkeys([*facts.get("aliases", []), *options.aliases]))
     if options.forbidden:
         facts["facts"] = list(options.forbidden)
         facts.pop("identity", None)  # the user's list is the whole list
@@ -96,11 +96,11 @@ def resolve_data(options: UnlearnOptions) -> RunData:
     split = "custom"
     if options.concept is None and options.forget is None:
         forget, retain, _dev = concepts.builtin_inception()
-        facts = concept_facts(BUILTIN_DEMO, tuple(options.aliases), options)
+        facts = concept_facts(BUILTIN_DEMO, options)
         probes, split = _shipped_probes("inception", options.probe_split), options.probe_split
     elif options.concept is not None:
         name = options.concept.strip()
-        facts = concept_facts(name, tuple(a.strip() for a in options.aliases if a.strip()), options)
+        facts = concept_facts(name, options)
         forget = concepts.concept_forget_set(name, tuple(facts["aliases"]), facts.get("descriptions", ()),
                                              facts.get("entities", ()))
         retain = concepts.general_retain_set()
@@ -112,7 +112,7 @@ def resolve_data(options: UnlearnOptions) -> RunData:
             probes = concepts.concept_probes(name, tuple(facts["aliases"])) + concepts.general_retain_probes()
             split = "template"
     else:
-        facts = concept_facts(Path(options.forget).stem, tuple(options.aliases), options)
+        facts = concept_facts(Path(options.forget).stem, options)
         forget, retain = [], concepts.general_retain_set()
         probes = concepts.general_retain_probes()
     if options.forget:
