@@ -80,10 +80,12 @@ def concept_facts(name: str, options: UnlearnOptions) -> dict:
 
 
 def _shipped_probes(slug: str, split: str) -> list[PromptRecord] | None:
-    """A shipped concept's frozen test split, or the Inception dev split; None when not shipped."""
+    """A shipped concept's frozen test split or its dev split; None when agml ships none for it."""
     from agml import concepts
 
-    filename = f"{slug}_test.jsonl" if split == "test" else ("inception_probes.jsonl" if slug == "inception" else None)
+    # Inception's dev split predates the naming scheme (it was the demo's only probe file).
+    filename = f"{slug}_test.jsonl" if split == "test" else (
+        "inception_probes.jsonl" if slug == "inception" else f"{slug}_dev.jsonl")
     if filename is None or not (concepts.datasets_folder() / filename).is_file():
         return None
     return load_prompts(concepts.dataset_path(filename))

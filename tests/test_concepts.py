@@ -86,6 +86,21 @@ def test_shipped_descriptions_and_entities_become_forget_prompts_and_flags_repla
     assert not {"described", "entity"} & {r.category for r in unknown.forget}
 
 
+@pytest.mark.parametrize("concept", ["Harry Potter", "iPhone", None])
+def test_probe_split_picks_the_shipped_dev_or_test_file(concept):
+    from agml.options import build_options
+    from agml.pipeline import resolve_data
+
+    base = {"out": "x"} if concept is None else {"concept": concept, "out": "x"}
+    test = resolve_data(build_options(base))
+    dev = resolve_data(build_options({**base, "probe_split": "dev"}))
+    assert (test.split, dev.split) == ("test", "dev")
+    assert not texts(test.probes) & texts(dev.probes)
+    assert {p.type for p in dev.probes} == {"forget", "retain"}
+    unknown = resolve_data(build_options({"concept": "Some Unknown Thing", "out": "x", "probe_split": "dev"}))
+    assert unknown.split == "template"
+
+
 def test_probes_are_held_out_varied_and_forbid_the_name():
     name, aliases = "Harry Potter", ["Hogwarts"]
     probes = concept_probes(name, aliases)

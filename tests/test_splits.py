@@ -1,5 +1,7 @@
-"""The shipped data splits: sizes and categories of the frozen test splits, and no test probe that is a
-near-duplicate of a training prompt, a dev probe or a relearning example (agml/datasets, benchmarks/make_splits.py)."""
+"""The shipped data splits: sizes and categories of the frozen test splits and of the by-name concepts' dev splits, no
+test probe that is a near-duplicate of a training prompt, a dev probe or a relearning example, and no dev probe that
+is a near-duplicate of a training prompt, a relearning example or any test probe (agml/datasets,
+benchmarks/make_splits.py)."""
 
 import json
 import re
@@ -20,6 +22,9 @@ from agml.concepts import (
 from agml.data import load_prompts
 
 SLUGS = ("inception", "harry-potter", "iphone")
+# Concepts with a dev split built by benchmarks/make_splits.py (Inception's is the hand-made inception_probes.jsonl).
+DEV_SLUGS = ("harry-potter", "iphone")
+SPLITS = [(slug, "test") for slug in SLUGS] + [(slug, "dev") for slug in DEV_SLUGS]
 LANGUAGES = {"fr", "es", "de", "it", "pt"}
 FORGET_CATEGORIES = {"paraphrase", "description", "multi-turn", "typo", "other-language", "role-play", "cloze"}
 REQUEST_KINDS = {"recommendation", "list", "similar"}
@@ -59,8 +64,8 @@ def near_duplicate(a: str, b: str) -> bool:
 
 
 @cache
-def split_of(slug):
-    return load_prompts(dataset_path(f"{slug}_test.jsonl"))
+def split_of(slug, split="test"):
+    return load_prompts(dataset_path(f"{slug}_{split}.jsonl"))
 
 
 @cache
@@ -77,10 +82,22 @@ def training_and_dev(slug):
         dev = load_prompts(dataset_path("inception_probes.jsonl"))
     else:
         fact = facts(slug)
-        training = [*concept_forget_set(fact["name"], fact["aliases"]), *neighbour_retain_set(fact["neighbours"]),
-                    *general_retain_set()]
-        dev = [*concept_probes(fact["name"], fact["aliases"]), *general_retain_probes()]
+        forget = concept_forget_set(fact["name"], fact["aliases"], fact.get("descriptions", ()),
+                                    fact.get("entities", ()))
+        training = [*forget, *neighbour_retain_set(fact["neighbours"]), *general_retain_set()]
+        dev = [*concept_probes(fact["name"], fact["aliases"]), *general_retain_probes(), *split_of(slug, "dev")]
     return training, dev, relearn
+
+
+@cache
+def texts_a_dev_probe_must_not_repeat():
+    """Record text -> where it comes from: every concept's training and relearning data, Inception's dev split and
+    every test split."""
+    named = [(f"training {slug}", training_and_dev(slug)[0]) for slug in SLUGS]
+    named += [(f"relearn {slug}", training_and_dev(slug)[2]) for slug in SLUGS]
+    named += [(f"test {slug}", split_of(slug)) for slug in SLUGS]
+    named.append(("dev inception", load_prompts(dataset_path("inception_probes.jsonl"))))
+    return {record_text(r): name for name, records in named for r in records}
 
 
 SAME = [
@@ -140,18 +157,43 @@ def test_test_split_sizes_and_categories(slug):
     assert len({record_text(p) for p in probes}) == len(probes)
 
 
-@pytest.mark.parametrize("slug", SLUGS)
-def test_forget_probes_forbid_only_facts_absent_from_their_own_text(slug):
-    for probe in (p for p in split_of(slug) if p.type == "forget"):
+@pytest.mark.parametrize("slug", DEV_SLUGS)
+def test_no_dev_probe_is_a_near_duplicate_of_training_relearn_or_any_test_probe(slug):
+    others = texts_a_dev_probe_must_not_repeat()
+    clashes = [(record_text(p), text, name) for p in split_of(slug, "dev") for text, name in others.items()
+               if near_duplicate(record_text(p), text)]
+    assert not clashes, clashes[:10]
+
+
+@pytest.mark.parametrize("slug", DEV_SLUGS)
+def test_dev_split_sizes_and_categories(slug):
+    probes = split_of(slug, "dev")
+    forget = [p for p in probes if p.type == "forget"]
+    retain = [p for p in probes if p.type == "retain"]
+    assert len(forget) >= 40 and len(retain) >= 30
+    assert FORGET_CATEGORIES <= {p.category for p in forget}
+    assert REQUEST_KINDS <= {p.kind for p in forget}
+    assert len(LANGUAGES & {p.language for p in forget}) >= 3
+    assert all(p.forbidden for p in forget)
+    assert {"neighbour", "generic-recommendation"} <= {p.category for p in retain}
+    assert all(p.kind == "recommendation" for p in retain if p.category == "generic-recommendation")
+    assert all(p.required for p in retain if p.category != "generic-recommendation")
+    assert all(w == w.lower() for p in retain for w in p.required)
+    assert not [(p.prompt, w) for p in retain for w in p.required if w in p.prompt.lower()]
+    assert len({record_text(p) for p in probes}) == len(probes)
+
+
+@pytest.mark.parametrize(("slug", "split"), SPLITS)
+def test_forget_probes_forbid_only_facts_absent_from_their_own_text(slug, split):
+    for probe in (p for p in split_of(slug, split) if p.type == "forget"):
         text = " ".join(m["content"] for m in probe.messages).lower()
         assert not [t for t in probe.forbidden if t.strip() in text], probe.prompt
 
 
-@pytest.mark.parametrize("slug", SLUGS)
-def test_test_neighbours_are_not_in_any_training_set(slug):
-    training, _, _ = training_and_dev(slug)
+@pytest.mark.parametrize(("slug", "split"), SPLITS)
+def test_test_and_dev_neighbours_are_not_in_any_training_set(slug, split):
     trained_on = [n.lower() for n in facts(slug)["neighbours"]]
-    for probe in (p for p in split_of(slug) if p.category == "neighbour"):
+    for probe in (p for p in split_of(slug, split) if p.category == "neighbour"):
         assert not [n for n in trained_on if n in probe.prompt.lower()], probe.prompt
 
 
