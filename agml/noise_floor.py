@@ -96,8 +96,11 @@ def noise_adapter_active(model, seed: int, neurons: str = "same", adapter_name: 
 def flip_counts(
     records: Sequence[PromptRecord], before: Sequence[str], after: Sequence[str], facts: Mapping | None = None
 ) -> dict:
-    """pass -> fail, fail -> pass and changed-text counts of the retain probes between two sets of answers."""
+    """pass -> fail, fail -> pass and changed-text counts of the retain probes between two sets of answers, and the
+    pass -> fail count per probe category (`pass_to_fail_by_category`, categories with none left out): whether a
+    trained adapter breaks the same kinds of answers as a random one."""
     counts = {"pass_to_fail": 0, "fail_to_pass": 0, "changed": 0, "n": 0}
+    by_category: dict[str, int] = {}
     for record, old, new in zip(records, before, after, strict=True):
         if record.type != "retain":
             continue
@@ -106,7 +109,9 @@ def flip_counts(
         counts["fail_to_pass"] += now and not was
         counts["changed"] += old.strip() != new.strip()
         counts["n"] += 1
-    return counts
+        if was and not now:
+            by_category[record.category] = by_category.get(record.category, 0) + 1
+    return {**counts, "pass_to_fail_by_category": dict(sorted(by_category.items()))}
 
 
 def noise_floor(

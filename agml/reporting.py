@@ -94,7 +94,21 @@ def _noise_floor_section(evaluation: dict) -> list[str]:
             f"Retain answers that flip from pass to fail: {trained} of {floor['trained']['n']} with the trained "
             f"adapter; {random['min']:.0f}-{random['max']:.0f} (mean {random['mean']:.1f}) with random adapters of the "
             f"same size, sparsity and weight norm ({len(floor['random']['per_seed'])} seeds). The retain loss is "
-            f"{verdict}.", ""]
+            f"{verdict}.", "", *_flips_by_category(floor)]
+
+
+def _flips_by_category(floor: dict) -> list[str]:
+    """Pass -> fail per probe category, trained adapter beside each random one (older results lack the counts)."""
+    sides = [("trained", floor["trained"])] + [(f"random seed {s['seed']}", s) for s in floor["random"]["per_seed"]]
+    if not all("pass_to_fail_by_category" in counts for _, counts in sides):
+        return []
+    categories = sorted({c for _, counts in sides for c in counts["pass_to_fail_by_category"]})
+    if not categories:
+        return []
+    rows = [f"| {name} | " + " | ".join(str(counts["pass_to_fail_by_category"].get(c, 0)) for c in categories) + " |"
+            for name, counts in sides]
+    return ["| pass -> fail by category | " + " | ".join(categories) + " |",
+            "|---|" + "---|" * len(categories), *rows, ""]
 
 
 def _quote(text: str) -> str:

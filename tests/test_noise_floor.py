@@ -13,7 +13,8 @@ from agml.noise_floor import NOISE_ADAPTER, add_noise_adapter, flip_counts, nois
 
 MASKS = NeuronMasks({0: torch.tensor([1, 5, 9, 30]), 1: torch.tensor([2, 3])})
 PROBES = [
-    parse_record({"prompt": "What is the capital of Italy?", "type": "retain", "required": ["rome"]}, "t"),
+    parse_record({"prompt": "What is the capital of Italy?", "type": "retain", "required": ["rome"],
+                  "category": "capitals"}, "t"),
     parse_record({"prompt": "Who wrote Hamlet?", "type": "retain", "required": ["shakespeare"]}, "t"),
     parse_record({"prompt": "What is Inception?", "type": "forget", "forbidden": ["nolan"]}, "t"),
 ]
@@ -81,8 +82,10 @@ def test_noise_adapter_active_restores_the_model():
 def test_flip_counts():
     before = ["Rome.", "Shakespeare wrote it.", "Nolan"]
     after = ["I don't know.", "William Shakespeare wrote it.", "x"]
-    assert flip_counts(PROBES, before, after) == {"pass_to_fail": 1, "fail_to_pass": 0, "changed": 2, "n": 2}
+    assert flip_counts(PROBES, before, after) == {"pass_to_fail": 1, "fail_to_pass": 0, "changed": 2, "n": 2,
+                                                  "pass_to_fail_by_category": {"capitals": 1}}
     assert flip_counts(PROBES, after, before)["fail_to_pass"] == 1
+    assert flip_counts(PROBES, after, before)["pass_to_fail_by_category"] == {}
 
 
 def test_noise_floor_counts_per_seed(monkeypatch, smol_tokenizer):

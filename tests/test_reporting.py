@@ -73,3 +73,20 @@ def test_lm_eval_rows_show_both_sides_per_task_and_metric():
     assert "lm-eval (agml_general_knowledge, limit 20)" in text
     acc_norm = next(line for line in text.splitlines() if "acc_norm" in line)
     assert acc_norm.split()[-2:] == ["0.6", "-"]
+
+
+def test_noise_floor_section_tabulates_flips_by_category():
+    from agml.reporting import _noise_floor_section
+
+    def counts(p2f, categories):
+        return {"pass_to_fail": p2f, "fail_to_pass": 0, "changed": p2f, "n": 10,
+                "pass_to_fail_by_category": categories}
+
+    floor = {"trained": counts(3, {"neighbour": 2, "other-language": 1}),
+             "random": {"per_seed": [{"seed": 0, **counts(1, {"other-language": 1})}],
+                        "pass_to_fail": {"min": 1.0, "max": 1.0, "mean": 1.0}}}
+    lines = _noise_floor_section({"noise_floor": floor})
+    assert "| pass -> fail by category | neighbour | other-language |" in lines
+    assert "| trained | 2 | 1 |" in lines and "| random seed 0 | 0 | 1 |" in lines
+    del floor["trained"]["pass_to_fail_by_category"]  # a result written before the counts existed
+    assert not [line for line in _noise_floor_section({"noise_floor": floor}) if "by category" in line]
