@@ -86,7 +86,7 @@ def _shipped_probes(slug: str, split: str) -> list[PromptRecord] | None:
     # Inception's dev split predates the naming scheme (it was the demo's only probe file).
     filename = f"{slug}_test.jsonl" if split == "test" else (
         "inception_probes.jsonl" if slug == "inception" else f"{slug}_dev.jsonl")
-    if filename is None or not (concepts.datasets_folder() / filename).is_file():
+    if not (concepts.datasets_folder() / filename).is_file():
         return None
     return load_prompts(concepts.dataset_path(filename))
 

@@ -40,6 +40,7 @@ import importlib
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,9 +145,7 @@ def build_split(model, tokenizer, slug: str, split: str) -> dict:
     dropped = [{"prompt": r.prompt, "base_answer": a} for r, a, ok in zip(retain, answers, passed, strict=True)
                if not ok]
     save_prompts(forget + kept, DATASETS / f"{slug}_{split}.jsonl")
-    by_category: dict[str, int] = {}
-    for r in kept:
-        by_category[r.category] = by_category.get(r.category, 0) + 1
+    by_category = dict(Counter(r.category for r in kept))
     print(f"{slug} {split}: forget {len(forget)}; retain written {len(retain)}, kept {len(kept)} {by_category}")
     return {"forget_written": len(forget), "retain_written": len(retain), "retain_kept": len(kept),
             "retain_kept_by_category": by_category, "dropped": dropped}

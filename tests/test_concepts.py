@@ -97,8 +97,15 @@ def test_probe_split_picks_the_shipped_dev_or_test_file(concept):
     assert (test.split, dev.split) == ("test", "dev")
     assert not texts(test.probes) & texts(dev.probes)
     assert {p.type for p in dev.probes} == {"forget", "retain"}
-    unknown = resolve_data(build_options({"concept": "Some Unknown Thing", "out": "x", "probe_split": "dev"}))
-    assert unknown.split == "template"
+
+
+def test_a_concept_without_shipped_probes_is_judged_on_template_probes_in_either_split():
+    from agml.options import build_options
+    from agml.pipeline import resolve_data
+
+    for split in ("test", "dev"):
+        unknown = resolve_data(build_options({"concept": "Some Unknown Thing", "out": "x", "probe_split": split}))
+        assert unknown.split == "template"
 
 
 def test_probes_are_held_out_varied_and_forbid_the_name():
