@@ -245,6 +245,20 @@ def build_masks(
     return NeuronMasks({layer: sorted(ids) for layer, ids in chosen.items()}, meta=meta)
 
 
+def budget_shortfall(masks: NeuronMasks) -> str | None:
+    """A warning when fewer neurons have a positive contrast than the density budget asks for (None when filled).
+
+    Only c = forget - w * retain > 0 is eligible, so a large --mask-retain-weight can leave a mask of a few
+    neurons in the last layers: a different method from the one --density describes (docs/results.md, the
+    by-name dev splits)."""
+    budget, selected = masks.meta.get("budget"), masks.meta.get("selected", masks.total)
+    if budget is None or selected >= budget:
+        return None
+    return (f"warning: only {selected} of the {budget} neurons that --density asks for matter more for the forget "
+            f"answers than {masks.meta.get('retain_weight', 1.0):g} x for the retain answers; the mask is that "
+            "small (lower --mask-retain-weight for a fuller one)")
+
+
 # --- mask options and controls (issue 15): layer ranges, per-layer standardisation, random masks, overlap --------
 
 

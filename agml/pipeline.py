@@ -23,7 +23,7 @@ from agml.architecture import mlp_dims
 from agml.data import PromptRecord, conversation_key, load_prompts
 from agml.errors import InputError
 from agml.io import atomic_write_json
-from agml.masks import NeuronMasks
+from agml.masks import NeuronMasks, budget_shortfall
 from agml.options import UnlearnOptions
 
 BUILTIN_DEMO = "Inception"
@@ -262,6 +262,12 @@ def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     return scores, masks
 
 
+def _warn_short_mask(masks: NeuronMasks, log) -> None:
+    warning = budget_shortfall(masks)
+    if warning:
+        log(warning)
+
+
 def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, work: Path, log):
     """Score and mask (ag-masked-lora) or plain LoRA on every layer (the baseline)."""
     from agml.adapters import apply_lora, apply_masked_lora
@@ -287,6 +293,7 @@ def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, wor
             scores.save(scores_path)
             masks.save(masks_path)
             log(f"selected {masks.total} neurons in {len(masks)} layers ({time.perf_counter() - start:.1f}s scoring)")
+            _warn_short_mask(masks, log)
     if distributed.is_main():
         plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
     return apply_masked_lora(model, masks, r=options.lora.rank, alpha=options.lora.alpha, targets=targets), masks
@@ -421,5 +428,6 @@ def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
         f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
     log(f"selected {masks.total} neurons ({options.mask.score}, {options.mask.strategy}) in {len(masks)} layers; "
         "most in: " + ", ".join(f"layer {layer}: {ids.numel()}" for layer, ids in busiest))
+    _warn_short_mask(masks, log)
     log(f"written to {Path(out)}: scores.safetensors, masks.safetensors, plots/heatmap.png")
     return Path(out)

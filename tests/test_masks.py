@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agml.errors import AgmlError, InputError
-from agml.masks import NeuronMasks, build_masks
+from agml.masks import NeuronMasks, budget_shortfall, build_masks
 from agml.scoring import NeuronScores
 
 
@@ -134,6 +134,19 @@ def test_no_forget_specific_neuron_is_an_error():
     forget = torch.ones(2, 5)
     with pytest.raises(AgmlError, match="retain_weight"):
         build_masks(scores_from(forget, 2 * forget), outlier_quantile=None)
+
+
+def test_a_mask_smaller_than_its_budget_is_named_in_a_warning():
+    forget, retain = torch.ones(2, 5), torch.ones(2, 5)
+    retain[1, 3] = 0.1  # the one neuron that matters less for retain than for forget
+    masks = build_masks(scores_from(forget, retain), density=0.5, retain_weight=3.0, outlier_quantile=None)
+    assert selected(masks) == {(1, 3)} and masks.meta["budget"] == 5
+    warning = budget_shortfall(masks)
+    assert warning is not None and "only 1 of the 5 neurons" in warning and "3 x" in warning
+
+
+def test_a_filled_budget_gives_no_warning():
+    assert budget_shortfall(build_masks(random_scores(), density=0.05, retain_weight=0.0)) is None
 
 
 @pytest.mark.parametrize("score", ["fisher", "saliency", "combined"])
