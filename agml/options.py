@@ -88,7 +88,7 @@ class MaskOptions:
     strategy: str = option("global", "how the neuron budget is spread over layers", choices=STRATEGIES)
     score: str = option("combined", "neuron importance statistic", choices=SCORES)
     mask_retain_weight: float = option(
-        1.0, "weight of retain importance in the contrast c = forget - w * retain that selects neurons")
+        2.0, "weight of retain importance in the contrast c = forget - w * retain that selects neurons")
     score_positions: str = option(
         "entity+answer", "where neuron statistics are read: answer tokens, the concept's name tokens, or both",
         choices=SCORE_POSITIONS)

@@ -15,7 +15,7 @@ def test_defaults_are_the_demo_defaults():
     options = UnlearnOptions()
     assert (options.train.objective, options.train.steps, options.train.batch_size, options.train.lr) == (
         "forget-targets", 30, 4, 2e-3)
-    assert options.train.kl_weight == 30.0 and options.mask.mask_retain_weight == 1.0
+    assert options.train.kl_weight == 30.0 and options.mask.mask_retain_weight == 2.0
     assert options.answer_tokens == 32 and options.train.early_stop is False
     assert (options.mask.density, options.mask.strategy, options.mask.score) == (0.0025, "global", "combined")
 
@@ -82,7 +82,7 @@ def test_a_runs_config_json_reruns_it(tmp_path):
 
 def test_retain_weight_is_a_noted_alias_on_unlearn_and_an_error_on_score(capsys):
     options = _unlearn_options(parse("unlearn", "--retain-weight", "7", "--out", "o"))
-    assert options.train.kl_weight == 7.0 and options.mask.mask_retain_weight == 1.0
+    assert options.train.kl_weight == 7.0 and options.mask.mask_retain_weight == 2.0
     assert "--kl-weight" in capsys.readouterr().err
     with pytest.raises(InputError, match="--mask-retain-weight"):
         _score_options(parse("score", "--out", "o", "--retain-weight", "2"))
