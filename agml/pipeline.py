@@ -262,10 +262,10 @@ def score_and_select(model, tokenizer, options: UnlearnOptions, data: RunData):
     return scores, masks
 
 
-def _warn_short_mask(masks: NeuronMasks, log) -> None:
-    warning = budget_shortfall(masks)
-    if warning:
-        log(warning)
+def _log_mask_shortfall(masks: NeuronMasks, log) -> None:
+    line = budget_shortfall(masks)  # a note when the mask is short of its budget, a warning when it is tiny
+    if line:
+        log(line)
 
 
 def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, work: Path, log):
@@ -293,7 +293,7 @@ def attach_adapter(model, tokenizer, options: UnlearnOptions, data: RunData, wor
             scores.save(scores_path)
             masks.save(masks_path)
             log(f"selected {masks.total} neurons in {len(masks)} layers ({time.perf_counter() - start:.1f}s scoring)")
-            _warn_short_mask(masks, log)
+            _log_mask_shortfall(masks, log)
     if distributed.is_main():
         plot_heatmap(scores, masks, work / "plots" / "heatmap.png")
     return apply_masked_lora(model, masks, r=options.lora.rank, alpha=options.lora.alpha, targets=targets), masks
@@ -428,6 +428,6 @@ def run_score(options: UnlearnOptions, force: bool = False, log=print) -> Path:
         f"{scores.num_layers} layers x {scores.intermediate_size} neurons in {time.perf_counter() - started:.1f}s")
     log(f"selected {masks.total} neurons ({options.mask.score}, {options.mask.strategy}) in {len(masks)} layers; "
         "most in: " + ", ".join(f"layer {layer}: {ids.numel()}" for layer, ids in busiest))
-    _warn_short_mask(masks, log)
+    _log_mask_shortfall(masks, log)
     log(f"written to {Path(out)}: scores.safetensors, masks.safetensors, plots/heatmap.png")
     return Path(out)

@@ -142,7 +142,17 @@ def test_a_mask_smaller_than_its_budget_is_named_in_a_warning():
     masks = build_masks(scores_from(forget, retain), density=0.5, retain_weight=3.0, outlier_quantile=None)
     assert selected(masks) == {(1, 3)} and masks.meta["budget"] == 5
     warning = budget_shortfall(masks)
-    assert warning is not None and "only 1 of the 5 neurons" in warning and "3 x" in warning
+    assert warning is not None and warning.startswith("warning: only 1 of the 5 neurons") and "3 x" in warning
+
+
+def test_a_mask_short_of_its_budget_but_not_tiny_gets_a_note_not_a_warning():
+    forget = torch.ones(2, 20)
+    retain = torch.ones(2, 20)
+    retain[0, :12] = 0.1  # twelve neurons matter more for forget than 3 x for retain
+    masks = build_masks(scores_from(forget, retain), density=0.5, retain_weight=3.0, outlier_quantile=None)
+    assert masks.meta["selected"] == 12 and masks.meta["budget"] == 20
+    line = budget_shortfall(masks)
+    assert line is not None and line.startswith("note: 12 of the 20 neurons") and "warning" not in line
 
 
 def test_a_filled_budget_gives_no_warning():
