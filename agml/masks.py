@@ -226,8 +226,9 @@ def build_masks(
             taken += 1
     if taken == 0:
         raise AgmlError(
-            f"no neuron matters more for the forget answers than for the retain answers (score={score}, "
-            f"retain_weight={retain_weight}); lower retain_weight or check the forget/retain sets"
+            f"no neuron matters more for the forget answers than {retain_weight:g} x for the retain answers "
+            f"(score={score}); lower the weight (--mask-retain-weight; 1 weighs both sets alike) or check the "
+            "forget/retain sets"
         )
     meta = {
         **{k: v for k, v in scores.meta.items() if k == "model"},

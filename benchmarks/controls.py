@@ -64,7 +64,8 @@ def unlearn_options(options, kl_weight: float | None = None):
                          lr=options.lr, seed=options.seed, kl_weight=30.0 if kl_weight is None else kl_weight)
     return UnlearnOptions(
         out="controls", probe_split="dev", answer_tokens=options.answer_tokens,
-        mask=MaskOptions(density=options.density, per_layer_standardize=options.per_layer_standardize),
+        mask=MaskOptions(density=options.density, mask_retain_weight=options.mask_retain_weight,
+                         per_layer_standardize=options.per_layer_standardize),
         lora=LoraOptions(rank=options.rank, alpha=2.0 * options.rank), train=train,
         eval=EvalOptions(max_new_tokens=options.max_new_tokens, skip_capability=True))
 
@@ -379,6 +380,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--random-masks", type=int, default=100, help="random masks in the ablation test")
     parser.add_argument("--density", type=float, default=MaskOptions().density, help="agml unlearn's --density")
+    parser.add_argument("--mask-retain-weight", type=float, default=MaskOptions().mask_retain_weight,
+                        help="agml unlearn's --mask-retain-weight (the controls before session 14 ran at 1)")
     parser.add_argument("--per-layer-standardize", action="store_true")
     parser.add_argument("--objective", default=TrainOptions().objective, help="training objective (agml unlearn's)")
     parser.add_argument("--rank", type=int, default=8)

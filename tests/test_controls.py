@@ -22,8 +22,11 @@ def test_help(capsys):
 
 
 def test_quick_tiny_run_writes_every_control(tmp_path, smol_tokenizer):
-    result = controls_module().main(["--quick", "--tiny", "--out", str(tmp_path)], log=lambda _: None)
+    # weight 1: a tiny random model's forget and retain halves look alike, so no neuron reaches the default 2 x
+    args = ["--quick", "--tiny", "--mask-retain-weight", "1", "--out", str(tmp_path)]
+    result = controls_module().main(args, log=lambda _: None)
     saved = json.loads((tmp_path / "controls.json").read_text())
+    assert saved["mask_options"]["mask_retain_weight"] == 1.0
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
     assert set(saved["tradeoff"]) == {"ag", "lora", "random-0", "random-1"}
     assert all({"forget", "retain", "forget_interval", "retain_interval", "retain_refusal"} <= set(rates)

@@ -132,7 +132,7 @@ def test_bad_options_are_input_errors():
 
 def test_no_forget_specific_neuron_is_an_error():
     forget = torch.ones(2, 5)
-    with pytest.raises(AgmlError, match="retain_weight"):
+    with pytest.raises(AgmlError, match="--mask-retain-weight"):
         build_masks(scores_from(forget, 2 * forget), outlier_quantile=None)
 
 
