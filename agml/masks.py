@@ -257,16 +257,15 @@ def budget_shortfall(masks: NeuronMasks) -> str | None:
     Only c = forget - w * retain > 0 is eligible, so --density is a maximum: at the default weight 2 the shipped
     concepts keep 15-26 of 115 neurons (a note); under SMALL_MASK_NEURONS it is a warning, since a mask that small
     can carry none of the concept (docs/architecture.md, "Two weights")."""
-    budget, selected = masks.meta.get("budget"), masks.meta.get("selected", masks.total)
+    budget, selected = masks.meta.get("budget"), masks.total
     if budget is None or selected >= budget:
         return None
-    weight = masks.meta.get("retain_weight", 1.0)
+    shortfall = (f"{selected} of the {budget} neurons that --density allows matter more for the forget answers than "
+                 f"{masks.meta.get('retain_weight', 1.0):g} x for the retain answers")
     if selected >= SMALL_MASK_NEURONS:
-        return (f"note: {selected} of the {budget} neurons that --density allows matter more for the forget answers "
-                f"than {weight:g} x for the retain answers; the mask is that size")
-    return (f"warning: only {selected} of the {budget} neurons that --density allows matter more for the forget "
-            f"answers than {weight:g} x for the retain answers; a mask under {SMALL_MASK_NEURONS} neurons may not "
-            "carry the concept (lower --mask-retain-weight for a fuller one)")
+        return f"note: {shortfall}; the mask is that size"
+    return (f"warning: only {shortfall}; a mask under {SMALL_MASK_NEURONS} neurons may not carry the concept (lower "
+            "--mask-retain-weight for a fuller one)")
 
 
 # --- mask options and controls (issue 15): layer ranges, per-layer standardisation, random masks, overlap --------
