@@ -149,7 +149,10 @@ def _check_held_out(training: list[PromptRecord], probes: list[PromptRecord]) ->
     seen = {conversation_key(r) for r in training}
     leaked = [p.source for p in probes if conversation_key(p) in seen]
     if leaked:
-        raise InputError(f"probe {leaked[0]} is also a training prompt; probes must be held out")
+        # All of them at once (the first few by place): a user fixing a probe file should not have to rerun per line.
+        shown = ", ".join(str(source) for source in leaked[:5]) + (", ..." if len(leaked) > 5 else "")
+        raise InputError(f"{len(leaked)} probe(s) are also training prompts ({shown}); probes must be held out: "
+                         "reword or remove them")
 
 
 def answer_data(model, tokenizer, options: UnlearnOptions, data: RunData, log) -> RunData:

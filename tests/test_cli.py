@@ -151,3 +151,18 @@ def test_other_os_errors_still_raise(tmp_path, monkeypatch):
     _every_command_runs(monkeypatch, fails)
     with pytest.raises(OSError):
         main(["eval", str(tmp_path / "run")])
+
+
+def test_probes_that_are_training_prompts_are_all_named_at_once(tmp_path, capsys, forget_file):
+    retain = write_lines(tmp_path / "retain.jsonl", [json.dumps({"prompt": "What is the capital of France?"}),
+                                                     json.dumps({"prompt": "Who wrote Hamlet?"})])
+    probes = write_lines(tmp_path / "probes.jsonl", [
+        json.dumps({"prompt": "Who directed Inception?", "type": "forget", "forbidden": ["nolan"]}),
+        json.dumps({"prompt": "Is this one new?", "type": "retain"}),
+        json.dumps({"prompt": "Who wrote Hamlet?", "type": "retain"})])
+    out = tmp_path / "run"
+    code, err = run_cli(["unlearn", "--forget", str(forget_file), "--retain", str(retain), "--probes", str(probes),
+                         "--out", str(out)], capsys)
+    assert code == 2 and "2 probe(s) are also training prompts" in err
+    assert f"{probes}:1" in err and f"{probes}:3" in err and f"{probes}:2" not in err
+    assert "Traceback" not in err and not out.exists()
