@@ -67,6 +67,11 @@ def _category_table(evaluation: dict) -> list[str]:
     return rows
 
 
+NO_NEIGHBOURS_NOTE = ("**No neighbours by name.** None were shipped, named (`--neighbour-names`) or proposed by the "
+                      "base model, so unless your own retain files hold some, nothing in training told items like the "
+                      "concept apart from it: read the answers about its neighbours before trusting the retain rate.")
+
+
 def _judge_section(evaluation: dict) -> list[str]:
     """The terms and facts the judges used, so a reader can check them (and edit the facts file)."""
     judge = evaluation.get("judge")
@@ -81,6 +86,8 @@ def _judge_section(evaluation: dict) -> list[str]:
     if facts:
         lines += [f"Facts used (concept `{facts.get('name')}`; edit the run's `data/facts.json` to change them):", "",
                   "```json", json.dumps(facts, indent=2, ensure_ascii=False), "```", ""]
+        if not facts.get("neighbours"):
+            lines += [NO_NEIGHBOURS_NOTE, ""]
     return lines
 
 

@@ -256,3 +256,22 @@ def test_propose_neighbours_asks_the_model_and_filters(monkeypatch):
     names = propose_neighbours(None, None, "Harry Potter", n=3, aliases=["Hogwarts"])
     assert names == ["Percy Jackson", "Narnia", "Eragon"]
     assert all("Harry Potter" in conv[0]["content"] for conv in seen)
+
+
+def test_a_concept_the_base_model_proposes_no_neighbours_for_is_warned_about(monkeypatch):
+    import agml.concepts
+    from agml.options import build_options
+    from agml.pipeline import _with_proposed_neighbours, resolve_data
+
+    options = build_options({"concept": "Some Unknown Thing", "out": "x"})
+    data = resolve_data(options)
+    lines = []
+    monkeypatch.setattr(agml.concepts, "propose_neighbours", lambda *args, **kwargs: [])
+    assert _with_proposed_neighbours(None, None, options, data, lines.append) is data
+    assert len(lines) == 1 and lines[0].startswith("warning: the base model proposed no neighbours of "
+                                                   "'Some Unknown Thing'") and "--neighbour-names" in lines[0]
+    monkeypatch.setattr(agml.concepts, "propose_neighbours", lambda *args, **kwargs: ["Other Thing"])
+    lines.clear()
+    proposed = _with_proposed_neighbours(None, None, options, data, lines.append)
+    assert proposed.facts["neighbours"] == ["Other Thing"] and lines[0].startswith("neighbours proposed")
+    assert len(proposed.retain) > len(data.retain)

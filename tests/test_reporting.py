@@ -42,6 +42,7 @@ def test_report_markdown_and_plot(tmp_path, evaluation):
     assert "## Summary (frozen TEST split" in text and "95% Wilson intervals" in text
     assert "| forget | direct | 0.0% [0.0, 79.3] | 100.0% [20.7, 100.0] |" in text
     assert "`Dom Cobb`" in text and '"fuzzy"' in text
+    assert "**No neighbours by name.**" in text  # FACTS names none
     assert (tmp_path / "plots" / "before_after.png").stat().st_size > 1000
 
 
@@ -90,3 +91,13 @@ def test_noise_floor_section_tabulates_flips_by_category():
     assert "| trained | 2 | 1 |" in lines and "| random seed 0 | 0 | 1 |" in lines
     del floor["trained"]["pass_to_fail_by_category"]  # a result written before the counts existed
     assert not [line for line in _noise_floor_section({"noise_floor": floor}) if "by category" in line]
+
+
+def test_report_names_no_gap_when_the_facts_have_neighbours(tmp_path, evaluation):
+    evaluation = {**evaluation, "judge": {**evaluation["judge"],
+                                          "facts": {**evaluation["judge"]["facts"], "neighbours": ["Memento"]}}}
+    report = write_report(tmp_path, options={"method": "masked-lora", "model": "tiny"}, evaluation=evaluation,
+                          training=None, masks=None, parameters={"trainable": 10, "total": 100}, seconds=1.0,
+                          concept="Inception")
+    text = render_markdown(report)
+    assert '"Memento"' in text and "No neighbours by name" not in text
