@@ -13,7 +13,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ PROMPT_KINDS = ("question", "recommendation", "list", "similar", "cloze", "gener
 # Kinds whose target is an answer that recommends something else; every other kind gets a refusal.
 RECOMMENDER_KINDS = frozenset({"recommendation", "list", "similar"})
 TARGET_KINDS = ("refusal", "alternative")
+NEAR_MISS_ROUNDS = 3  # regenerations of an alternative answer that spells the name nearly (`near_misses`)
 
 # Keyword heuristics (en, fr, es, de, it, pt), matched case-insensitively on the last user turn.
 _SIMILAR = re.compile(
@@ -153,6 +156,36 @@ def banned_stems(terms: Sequence[str], fraction: float = 0.75, min_length: int =
     return list(dict.fromkeys([*terms, *stems]))
 
 
+def _near_word(word: str, name_word: str, least: int) -> bool:
+    """`word` is `name_word`, or a capitalised word that starts with half of it (`least` letters at least)."""
+    if word.lower() == name_word:
+        return True
+    if not name_word.isalpha() or len(name_word) < 4 or word == word.lower():
+        return False
+    shared = len(os.path.commonprefix([word.lower(), name_word]))
+    return shared >= max(least, math.ceil(len(name_word) / 2))
+
+
+def near_misses(text: str, names: Sequence[str]) -> list[str]:
+    """Spellings in `text` close to one of the concept's `names` but not it: as many words as the name, each the
+    name's word or a capitalised word that starts like it ("Harry Potts" for Harry Potter, "iPhill" for iPhone).
+
+    The banned-terms processor stops exact spellings only; a model kept from them writes a near miss, which still
+    names the concept to a reader (measured: every alternative target for Harry Potter said "Harry Potts").
+    Returns the words that differ from the name's, in order of appearance, each once.
+    """
+    words = re.findall(r"\w+", unicodedata.normalize("NFKC", text))
+    found: list[str] = []
+    for name in names:
+        target = [w.lower() for w in re.findall(r"\w+", name)]
+        least = 3 if len(target) == 1 else 2  # the name's other words already narrow a longer name down
+        for start in range(len(words) - len(target) + 1):
+            window = words[start:start + len(target)]
+            if all(_near_word(w, t, least) for w, t in zip(window, target, strict=True)):
+                found += [w for w, t in zip(window, target, strict=True) if w.lower() != t]
+    return list(dict.fromkeys(found))
+
+
 def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, batch_size: int = 8, texts: Sequence[str] | None = None,
                    fingerprint: str | None = None) -> list[str]:
@@ -212,7 +245,8 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
 
     Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
     get the base model's greedy answer with the banned terms banned, plus the stems of long words
-    (`banned_stems`). An alternative answer that comes out empty falls back to a refusal.
+    (`banned_stems`) and any near miss of the name it writes (`near_misses`, up to NEAR_MISS_ROUNDS regenerations).
+    An alternative answer that comes out empty, or still with a near miss, falls back to a refusal.
 
     `concept_names` (default: `banned_terms`): the concept's name and aliases. They are banned in every answer
     and decide when a recommendation request is about the concept itself (then it is a question). The other
@@ -238,6 +272,19 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
         generated = banned_answers(model, tokenizer, [records[i].messages for i in indices], terms, max_new_tokens,
                                    batch_size, texts, fingerprint)
         answers.update(zip(indices, generated, strict=True))
+        # A near miss of the name ("Harry Potts") is banned too and the answer generated again; one still there
+        # after NEAR_MISS_ROUNDS rounds leaves the record to the refusal fallback below.
+        for i in indices:
+            banned = terms
+            for _ in range(NEAR_MISS_ROUNDS):
+                missed = near_misses(answers[i], names)
+                if not missed:
+                    break
+                banned = (*banned, *(m.lower() for m in missed))
+                answers[i] = banned_answers(model, tokenizer, [records[i].messages], banned, max_new_tokens,
+                                            batch_size, texts, fingerprint)[0]
+            if near_misses(answers[i], names):
+                answers[i] = ""
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds, strict=True)):
         alternative = answers.get(i, "").strip()

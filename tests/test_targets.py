@@ -18,6 +18,7 @@ from agml.targets import (
     banned_answers,
     banned_stems,
     forget_targets,
+    near_misses,
     prompt_kind,
 )
 
@@ -163,3 +164,36 @@ def test_facts_the_prompt_names_are_not_banned_but_the_concept_always_is(monkeyp
                                                                             "DiCapr"}
     assert {"Inception", "Nolan"} <= seen["Recommend something similar to Inception."]
     assert [t.target for t in out] == ["An answer.", "An answer."]
+
+
+@pytest.mark.parametrize("text, names, misses", [
+    ("I loved Harry Potts, not Harry Styles or Harry Potter.", ["Harry Potter"], ["Potts"]),
+    ("The iPhill and the iPhillips 12, not an iPad or a phone.", ["iPhone"], ["iPhill", "iPhillips"]),
+    ("While Star WASS is loved, Star Trek is too.", ["Star Wars"], ["WASS"]),
+    ("Incepton, an incentive, the independent films.", ["Inception"], ["Incepton"]),
+    ("Pottery and potters are fine alone.", ["Harry Potter"], []),
+])
+def test_near_misses_are_capitalised_words_that_start_like_the_name(text, names, misses):
+    assert near_misses(text, names) == misses
+
+
+def test_an_alternative_that_spells_the_name_nearly_is_generated_again_then_refused(monkeypatch, smol_tokenizer):
+    calls = []
+    scripted = {"Recommend something similar to Harry Potter.": ["Try Harry Potts.", "Try Percy Jackson."],
+                "I liked Harry Potter. What else would I enjoy?": ["Harry Potts!", "Harry Pottle!", "Harry Pots!",
+                                                                    "Harry Potz!"]}
+
+    def fake(model, tokenizer, conversations, terms, *args):
+        calls.extend((c[-1]["content"], set(terms)) for c in conversations)
+        return [scripted[c[-1]["content"]].pop(0) for c in conversations]
+
+    monkeypatch.setattr(targets_module, "banned_answers", fake)
+    monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
+    records = [_record("Recommend something similar to Harry Potter.", "similar"),
+               _record("I liked Harry Potter. What else would I enjoy?", "similar")]
+    out = forget_targets(None, smol_tokenizer, records, ["Harry Potter"])
+    assert out[0].target == "Try Percy Jackson." and out[0].target_kind == "alternative"
+    assert out[1].target_kind == "refusal" and out[1].target in REFUSAL_TEMPLATES
+    retried = [terms for prompt, terms in calls if prompt.startswith("I liked")]
+    assert len(retried) == 1 + targets_module.NEAR_MISS_ROUNDS
+    assert {"potts", "pottle", "pots"} <= retried[-1]
