@@ -186,6 +186,18 @@ def near_misses(text: str, names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _without_near_misses(answer: str, names: Sequence[str], banned: tuple[str, ...], generate) -> str:
+    """`answer`, or `generate(banned terms)` again with each near miss of the name ("Harry Potts") banned too, up to
+    NEAR_MISS_ROUNDS times; "" (the caller's refusal fallback) when the last answer still has one."""
+    for _ in range(NEAR_MISS_ROUNDS):
+        missed = near_misses(answer, names)
+        if not missed:
+            return answer
+        banned = (*banned, *(m.lower() for m in missed))
+        answer = generate(banned)
+    return "" if near_misses(answer, names) else answer
+
+
 def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, batch_size: int = 8, texts: Sequence[str] | None = None,
                    fingerprint: str | None = None) -> list[str]:
@@ -271,20 +283,11 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
     for terms, indices in groups.items():
         generated = banned_answers(model, tokenizer, [records[i].messages for i in indices], terms, max_new_tokens,
                                    batch_size, texts, fingerprint)
-        answers.update(zip(indices, generated, strict=True))
-        # A near miss of the name ("Harry Potts") is banned too and the answer generated again; one still there
-        # after NEAR_MISS_ROUNDS rounds leaves the record to the refusal fallback below.
-        for i in indices:
-            banned = terms
-            for _ in range(NEAR_MISS_ROUNDS):
-                missed = near_misses(answers[i], names)
-                if not missed:
-                    break
-                banned = (*banned, *(m.lower() for m in missed))
-                answers[i] = banned_answers(model, tokenizer, [records[i].messages], banned, max_new_tokens,
-                                            batch_size, texts, fingerprint)[0]
-            if near_misses(answers[i], names):
-                answers[i] = ""
+        for i, answer in zip(indices, generated, strict=True):
+            answers[i] = _without_near_misses(
+                answer, names, terms,
+                lambda banned, i=i: banned_answers(model, tokenizer, [records[i].messages], banned, max_new_tokens,
+                                                   batch_size, texts, fingerprint)[0])
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds, strict=True)):
         alternative = answers.get(i, "").strip()
