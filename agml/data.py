@@ -224,10 +224,14 @@ class Example:
     labels: list[int]
 
 
-def build_example(tokenizer, messages: Sequence[dict[str, str]], answer: str) -> Example:
-    """Prompt through the chat template, answer (with end-of-turn) as the only labelled tokens."""
+def build_example(tokenizer, messages: Sequence[dict[str, str]], answer: str, end_of_turn: bool = True) -> Example:
+    """Prompt through the chat template, answer (with end-of-turn unless `end_of_turn` is False: the start of a
+    longer answer) as the only labelled tokens."""
     head = prompt_ids(tokenizer, messages)
-    tail = _encode(tokenizer, answer_suffix(tokenizer, messages, answer))
+    suffix = answer_suffix(tokenizer, messages, answer)
+    if not end_of_turn and answer in suffix:
+        suffix = suffix[:suffix.index(answer) + len(answer)]
+    tail = _encode(tokenizer, suffix)
     if not tail:
         raise InputError(f"answer {answer!r} is empty after chat templating")
     return Example(head + tail, [IGNORE_INDEX] * len(head) + list(tail))

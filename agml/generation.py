@@ -21,16 +21,18 @@ def greedy_answers(
     batch_size: int = 16,
     desc: str | None = None,
     logits_processor=None,
+    answer_prefix: str = "",
 ) -> list[str]:
     """Greedy answers to each conversation, left-padded batches, special tokens stripped.
 
     `logits_processor`: an optional `transformers.LogitsProcessorList` applied at every step (e.g. banned terms).
+    `answer_prefix`: text the answer starts with (the model continues it; the answers returned include it).
     Under several processes each answers its shard and every process gets all answers, in input order. Shards are
     padded to equal length and generation is synchronised (`synced_gpus`): a sharded (FSDP) model makes every
     forward a collective, so all processes must run the same batches for the same number of steps.
     """
-    answers = _generate(model, tokenizer, conversations, max_new_tokens, batch_size, desc, 1, do_sample=False,
-                        logits_processor=logits_processor)
+    answers = _generate(model, tokenizer, conversations, max_new_tokens, batch_size, desc, 1, answer_prefix,
+                        do_sample=False, logits_processor=logits_processor)
     return [samples[0] for samples in answers]
 
 
@@ -60,20 +62,22 @@ def sampled_answers(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + distributed.rank())
         return _generate(
-            model, tokenizer, conversations, max_new_tokens, batch_size, desc, n,
+            model, tokenizer, conversations, max_new_tokens, batch_size, desc, n, "",
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
         )
 
 
 def _generate(
-    model, tokenizer, conversations, max_new_tokens: int, batch_size: int, desc: str | None, n: int, **sampling
+    model, tokenizer, conversations, max_new_tokens: int, batch_size: int, desc: str | None, n: int,
+    answer_prefix: str, **sampling
 ) -> list[list[str]]:
-    """n answers per conversation, in input order (see greedy_answers for the batching and sharding)."""
+    """n answers per conversation, in input order (see greedy_answers for the batching, sharding and prefix)."""
     total = len(conversations)
     conversations, real = distributed.padded_shard(conversations)
     pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
-    encoded = [prompt_ids(tokenizer, conv) for conv in conversations]
+    prefix = tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+    encoded = [prompt_ids(tokenizer, conv) + prefix for conv in conversations]
     # Sort by length so batches pad little; answers come back in input order.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[list[str]] = [[] for _ in encoded]
@@ -99,7 +103,8 @@ def _generate(
             **sampling,
         )
         for r, i in enumerate(rows):  # generate returns the n sequences of each input next to each other
-            answers[i] = [tokenizer.decode(out[r * n + j, width:], skip_special_tokens=True).strip() for j in range(n)]
+            answers[i] = [tokenizer.decode(out[r * n + j, width - len(prefix):], skip_special_tokens=True).strip()
+                          for j in range(n)]
     model.train(was_training)
     return distributed.gather_sharded(answers[:real], total)
 

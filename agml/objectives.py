@@ -106,6 +106,11 @@ class Objective(ABC):
             raise InputError(f"forget prompt {record.prompt!r} has no answer; generate the base answers first")
         return record.answer
 
+    def forget_answer_ends(self, record: PromptRecord) -> bool:
+        """Whether the forget example ends with the end-of-turn marker (False: the answer is the start of a longer
+        one, e.g. a cut alternative target)."""
+        return True
+
     @abstractmethod
     def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
         """The forget part of the loss (a scalar to minimise)."""
@@ -304,6 +309,10 @@ class ForgetTargets(RepresentationObjective):
     def forget_answer(self, record: PromptRecord) -> str:
         target = getattr(record, "target", None)
         return target if isinstance(target, str) and target.strip() else refusal_for(record, self.seed)
+
+    def forget_answer_ends(self, record: PromptRecord) -> bool:
+        target = getattr(record, "target", None)
+        return not (isinstance(target, str) and target.strip()) or getattr(record, "target_complete", True)
 
     def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
         return -answer_logits(model, batch.forget).token_logprobs().mean()

@@ -24,12 +24,18 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from agml.data import PromptRecord
 from agml.errors import InputError
+from agml.judges import recommended_items
 
 PROMPT_KINDS = ("question", "recommendation", "list", "similar", "cloze", "general")
 # Kinds whose target is an answer that recommends something else; every other kind gets a refusal.
 RECOMMENDER_KINDS = frozenset({"recommendation", "list", "similar"})
 TARGET_KINDS = ("refusal", "alternative")
 NEAR_MISS_ROUNDS = 3  # regenerations of an alternative answer that spells the name nearly (`near_misses`)
+# How a recommendation starts, by prompt language. With the concept banned the base model often declines ("I'm not
+# equipped to recommend a film"); trained on that, the model learns to stop recommending. Such an answer, one that
+# names no item, is generated again from the opener, so that the target recommends something else.
+RECOMMENDATION_OPENERS = {"en": "Here are some", "fr": "Voici quelques", "es": "Aquí tienes algunas",
+                          "de": "Hier sind einige", "it": "Ecco alcuni", "pt": "Aqui estão algumas"}
 
 # Keyword heuristics (en, fr, es, de, it, pt), matched case-insensitively on the last user turn.
 _SIMILAR = re.compile(
@@ -200,8 +206,9 @@ def _without_near_misses(answer: str, names: Sequence[str], banned: tuple[str, .
 
 def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, str]]], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, batch_size: int = 8, texts: Sequence[str] | None = None,
-                   fingerprint: str | None = None) -> list[str]:
-    """Greedy answers of the base model (adapter disabled) that never contain a banned term.
+                   fingerprint: str | None = None, opener: str = "") -> list[str]:
+    """Greedy answers of the base model (adapter disabled) that never contain a banned term, each starting with
+    `opener` when one is given.
 
     With the base model's `fingerprint` (`agml.answer_cache.model_fingerprint`) the answers are cached like the
     other base-model outputs: every run of a concept asks the same prompts with the same banned terms.
@@ -214,10 +221,10 @@ def banned_answers(model, tokenizer, conversations: Sequence[Sequence[dict[str, 
         processor = LogitsProcessorList([BannedTermsProcessor(tokenizer, banned_terms, texts)])
         with base_model_only(model):
             return greedy_answers(model, tokenizer, conversations, max_new_tokens, batch_size,
-                                  logits_processor=processor)
+                                  logits_processor=processor, answer_prefix=opener)
 
     key = {"conversations": [list(c) for c in conversations], "banned": list(banned_terms),
-           "max_new_tokens": max_new_tokens}
+           "max_new_tokens": max_new_tokens, **({"opener": opener} if opener else {})}
     return answer_cache.cached_value(fingerprint, "banned-greedy", key, generate)
 
 
@@ -229,25 +236,38 @@ class TargetRecord(PromptRecord):
     """A forget record with its training target.
 
     `target` is the text to train toward, `target_kind` says which kind it is ("refusal" or "alternative"),
-    `prompt_kind` what the prompt asks for (PROMPT_KINDS). `answer` stays the base model's answer (or None): the
-    scoring pass, the validator and NPO-style objectives read it as "what the model used to say".
+    `prompt_kind` what the prompt asks for (PROMPT_KINDS). `target_complete` is False for an alternative that the
+    generation cut at its length: it is trained without the end-of-turn marker, so that the model learns how the
+    answer starts, not to stop there (half the shipped alternatives are cut before they name an item). `answer`
+    stays the base model's answer (or None): the scoring pass, the validator and NPO-style objectives read it as
+    "what the model used to say".
     """
 
     target: str = ""
     target_kind: str = "refusal"
     prompt_kind: str = "question"
+    target_complete: bool = True
 
     def with_answer(self, answer: str) -> TargetRecord:
         return dataclasses.replace(self, answer=answer)
 
 
-def _as_target(record: PromptRecord, target: str, target_kind: str, prompt_kind_: str) -> TargetRecord:
+def _as_target(record: PromptRecord, target: str, target_kind: str, prompt_kind_: str,
+               complete: bool = True) -> TargetRecord:
     values = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.init}
-    values.update(target=target, target_kind=target_kind, prompt_kind=prompt_kind_)
+    values.update(target=target, target_kind=target_kind, prompt_kind=prompt_kind_, target_complete=complete)
     return TargetRecord(**{k: v for k, v in values.items() if k in _TARGET_FIELDS})
 
 
 _TARGET_FIELDS = {f.name for f in dataclasses.fields(TargetRecord)}
+
+
+def was_cut(tokenizer, answer: str, max_new_tokens: int) -> bool:
+    """Whether a generated `answer` ran to `max_new_tokens` instead of ending: its text re-encodes to at least
+    max_new_tokens - 1 tokens (an answer that ended spent one of its tokens on the end marker). Re-encoding can
+    differ from the generated tokens by one at the edges, so an answer one token short of the limit counts as cut:
+    it is then trained without an end-of-turn marker, the harmless side."""
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 1
 
 
 def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_terms: Sequence[str],
@@ -257,8 +277,11 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
 
     Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
     get the base model's greedy answer with the banned terms banned, plus the stems of long words
-    (`banned_stems`) and any near miss of the name it writes (`near_misses`, up to NEAR_MISS_ROUNDS regenerations).
-    An alternative answer that comes out empty, or still with a near miss, falls back to a refusal.
+    (`banned_stems`) and any near miss of the name it writes (`near_misses`, up to NEAR_MISS_ROUNDS regenerations);
+    one that names no item (`agml.judges.recommended_items`) is generated again from the prompt language's
+    RECOMMENDATION_OPENERS and replaced when that one names an item.
+    An alternative answer that comes out empty, or still with a near miss, falls back to a refusal; one that the
+    generation cut at `max_new_tokens` is marked `target_complete=False` (trained without end-of-turn).
 
     `concept_names` (default: `banned_terms`): the concept's name and aliases. They are banned in every answer
     and decide when a recommendation request is about the concept itself (then it is a question). The other
@@ -280,19 +303,30 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
             groups.setdefault(tuple(banned_stems(list(dict.fromkeys(terms)))), []).append(i)
     answers: dict[int, str] = {}
     texts = token_texts(tokenizer) if groups else None
+
+    def regenerate(i: int, opener: str = ""):
+        length = max_new_tokens - len(tokenizer(opener, add_special_tokens=False)["input_ids"]) if opener else \
+            max_new_tokens
+        return lambda banned: banned_answers(model, tokenizer, [records[i].messages], banned, max(length, 1),
+                                             batch_size, texts, fingerprint, opener)[0]
+
     for terms, indices in groups.items():
         generated = banned_answers(model, tokenizer, [records[i].messages for i in indices], terms, max_new_tokens,
                                    batch_size, texts, fingerprint)
         for i, answer in zip(indices, generated, strict=True):
-            answers[i] = _without_near_misses(
-                answer, names, terms,
-                lambda banned, i=i: banned_answers(model, tokenizer, [records[i].messages], banned, max_new_tokens,
-                                                   batch_size, texts, fingerprint)[0])
+            answers[i] = _without_near_misses(answer, names, terms, regenerate(i))
+            opener = RECOMMENDATION_OPENERS.get(records[i].language, "")
+            if opener and not recommended_items(records[i], answers[i]):
+                opened = regenerate(i, opener)
+                recommending = _without_near_misses(opened(terms), names, terms, opened)
+                if recommended_items(records[i], recommending):
+                    answers[i] = recommending
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds, strict=True)):
         alternative = answers.get(i, "").strip()
         if alternative:
-            out.append(_as_target(record, alternative, "alternative", kind))
+            out.append(_as_target(record, alternative, "alternative", kind,
+                                  complete=not was_cut(tokenizer, alternative, max_new_tokens)))
         else:
             out.append(_as_target(record, refusal_for(record, seed), "refusal", kind))
     return out

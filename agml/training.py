@@ -270,7 +270,8 @@ def train_unlearning(
 
     was_training = model.training
     model.eval()
-    forget_examples = [build_example(tokenizer, r.messages, objective.forget_answer(r)) for r in train_forget]
+    forget_examples = [build_example(tokenizer, r.messages, objective.forget_answer(r), objective.forget_answer_ends(r))
+                       for r in train_forget]
     retain_examples = [build_example(tokenizer, r.messages, _answer_of(r)) for r in train_retain]
     reference = (_reference_sequence_logprobs(model, forget_examples, pad, config.batch_size)
                  if objective.needs_forget_reference else None)

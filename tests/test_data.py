@@ -135,6 +135,9 @@ def test_labels_cover_exactly_the_answer(smol_tokenizer, messages):
     example = build_example(smol_tokenizer, messages, answer)
     assert len(example.input_ids) == len(example.labels)
     assert labelled_text(smol_tokenizer, example) == answer + "<|im_end|>\n"
+    start = build_example(smol_tokenizer, messages, answer, end_of_turn=False)
+    assert labelled_text(smol_tokenizer, start) == answer  # the start of a longer answer: no end-of-turn
+    assert start.input_ids == example.input_ids[:len(start.input_ids)]
     labelled = [i for i, label in enumerate(example.labels) if label != IGNORE_INDEX]
     assert labelled == list(range(labelled[0], len(example.labels)))  # one contiguous tail
     assert all(example.labels[i] == example.input_ids[i] for i in labelled)

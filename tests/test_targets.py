@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ from agml.data import PromptRecord
 from agml.entities import entity_positions, entity_token_ids, term_variants
 from agml.errors import InputError
 from agml.generation import greedy_answers
-from agml.objectives import REFUSAL_TEMPLATES
+from agml.objectives import REFUSAL_TEMPLATES, ForgetTargets, Refusal
 from agml.targets import (
     BannedTermsProcessor,
     TargetRecord,
@@ -20,6 +21,7 @@ from agml.targets import (
     forget_targets,
     near_misses,
     prompt_kind,
+    was_cut,
 )
 
 
@@ -183,9 +185,9 @@ def test_an_alternative_that_spells_the_name_nearly_is_generated_again_then_refu
                 "I liked Harry Potter. What else would I enjoy?": ["Harry Potts!", "Harry Pottle!", "Harry Pots!",
                                                                     "Harry Potz!"]}
 
-    def fake(model, tokenizer, conversations, terms, *args):
-        calls.extend((c[-1]["content"], set(terms)) for c in conversations)
-        return [scripted[c[-1]["content"]].pop(0) for c in conversations]
+    def fake(model, tokenizer, conversations, terms, max_new_tokens, batch_size, texts, fingerprint, opener=""):
+        calls.extend((c[-1]["content"], set(terms)) for c in conversations if not opener)
+        return [opener + " Harry Potts." if opener else scripted[c[-1]["content"]].pop(0) for c in conversations]
 
     monkeypatch.setattr(targets_module, "banned_answers", fake)
     monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
@@ -193,7 +195,58 @@ def test_an_alternative_that_spells_the_name_nearly_is_generated_again_then_refu
                _record("I liked Harry Potter. What else would I enjoy?", "similar")]
     out = forget_targets(None, smol_tokenizer, records, ["Harry Potter"])
     assert out[0].target == "Try Percy Jackson." and out[0].target_kind == "alternative"
+    # the opener's answers spell the name nearly too, so the refusal stays
     assert out[1].target_kind == "refusal" and out[1].target in REFUSAL_TEMPLATES
     retried = [terms for prompt, terms in calls if prompt.startswith("I liked")]
     assert len(retried) == 1 + targets_module.NEAR_MISS_ROUNDS
     assert {"potts", "pottle", "pots"} <= retried[-1]
+
+
+def test_an_alternative_cut_at_its_length_is_trained_without_end_of_turn(monkeypatch, smol_tokenizer):
+    cut = " ".join(["word"] * 40)  # 40 tokens: ran to the 16-token limit and beyond
+    scripted = {"Recommend a film about dreams.": "Try Paprika.", "List films about dreams.": cut}
+    monkeypatch.setattr(targets_module, "banned_answers",
+                        lambda model, tokenizer, conversations, terms, *args: [scripted[c[-1]["content"]]
+                                                                              for c in conversations])
+    monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
+    records = [_record("Recommend a film about dreams.", "recommendation"), _record("List films about dreams.", "list"),
+               _record("Who directed Inception?")]
+    out = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=16)
+    assert [t.target_complete for t in out] == [True, False, True]
+    objective = ForgetTargets()
+    assert [objective.forget_answer_ends(t) for t in out] == [True, False, True]
+    assert objective.forget_answer_ends(records[0])  # a record without a target gets a (whole) refusal
+    assert Refusal().forget_answer_ends(out[1])  # objectives that do not train toward targets: whole answers
+    assert not was_cut(smol_tokenizer, "Try Paprika.", 16) and was_cut(smol_tokenizer, cut, 16)
+
+
+def test_an_alternative_that_names_no_item_is_generated_again_from_a_recommendation_opener(monkeypatch,
+                                                                                         smol_tokenizer):
+    openers = []
+
+    def fake(model, tokenizer, conversations, terms, max_new_tokens, batch_size, texts, fingerprint, opener=""):
+        openers.append((opener, max_new_tokens))
+        if opener == "Voici quelques":
+            return ["Voici quelques films que vous aimerez."] * len(conversations)  # names nothing: not taken
+        return [f'{opener} films: "Paprika" and "The Cell".' if opener else "I'm not equipped to recommend a film."
+                for _ in conversations]
+
+    monkeypatch.setattr(targets_module, "banned_answers", fake)
+    monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
+    records = [_record("Recommend a film about dreams.", "recommendation"),
+               dataclasses.replace(_record("Conseille-moi un film sur les rêves.", "recommendation"), language="fr"),
+               dataclasses.replace(_record("Polecam film o snach.", "recommendation"), language="pl")]
+    out = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=32)
+    assert out[0].target == 'Here are some films: "Paprika" and "The Cell".'
+    assert [t.target for t in out[1:]] == ["I'm not equipped to recommend a film."] * 2  # no better one; no opener
+    assert [t.target_kind for t in out] == ["alternative"] * 3
+    opened = dict(o for o in openers if o[0])
+    assert set(opened) == {"Here are some", "Voici quelques"}  # Polish has no opener
+    assert opened["Here are some"] == 32 - len(smol_tokenizer("Here are some", add_special_tokens=False)["input_ids"])
+
+
+def test_greedy_answers_continue_an_answer_prefix(tiny_lm, smol_tokenizer):
+    conversation = [{"role": "user", "content": "Recommend a film."}]
+    plain = greedy_answers(tiny_lm, smol_tokenizer, [conversation], max_new_tokens=6)[0]
+    opened = greedy_answers(tiny_lm, smol_tokenizer, [conversation], max_new_tokens=6, answer_prefix="Here are")[0]
+    assert opened.startswith("Here are") and opened != plain

@@ -177,9 +177,9 @@ def test_early_stop_when_validation_says_forgotten(smol_tokenizer, monkeypatch):
 
     built = []
 
-    def recording_build_example(tokenizer, messages, answer):
+    def recording_build_example(tokenizer, messages, answer, end_of_turn=True):
         built.append(messages[-1]["content"])
-        return build_example(tokenizer, messages, answer)
+        return build_example(tokenizer, messages, answer, end_of_turn)
 
     monkeypatch.setattr(training, "greedy_answers", clean_answers)
     monkeypatch.setattr(training, "build_example", recording_build_example)
@@ -242,3 +242,21 @@ def test_retain_kl_is_weighted_on_the_tokens_of_shared_facts(smol_tokenizer):
     assert torch.allclose(kl_per_token(base, current, weights), (per_token * weights).mean(), rtol=1e-4)
     assert torch.allclose(kl_per_token(base, current, torch.ones_like(weights)), kl_per_token(base, current),
                           rtol=1e-5)
+
+
+def test_cut_forget_targets_are_trained_without_end_of_turn(smol_tokenizer, monkeypatch):
+    from agml.targets import TargetRecord
+
+    ends = {}
+
+    def recording_build_example(tokenizer, messages, answer, end_of_turn=True):
+        ends[answer] = end_of_turn
+        return build_example(tokenizer, messages, answer, end_of_turn)
+
+    monkeypatch.setattr(training, "build_example", recording_build_example)
+    forget = [TargetRecord(r.messages, r.type, answer=r.answer, target=f"Try Paprika {i}, or",
+                           target_kind="alternative", target_complete=i % 2 == 1)
+              for i, r in enumerate(records("forget", 4))]
+    run(smol_tokenizer, steps=1, forget=forget, objective="forget-targets", early_stop=False, val_fraction=0.0)
+    assert {answer: end for answer, end in ends.items() if answer.startswith("Try")} == {
+        "Try Paprika 0, or": False, "Try Paprika 1, or": True, "Try Paprika 2, or": False, "Try Paprika 3, or": True}
