@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCORE_POSITIONS = ("answer", "entity", "entity+answer")
 SHARED_FACTS = ("include", "exclude")
 PROBE_SPLITS = ("test", "dev")
+RECOMMENDATION_TARGETS = ("as-generated", "recommending")
 # A flat key of older config files and the setting it meant: `retain_weight` was the training KL weight.
 LEGACY_KEYS = {"retain_weight": "kl_weight"}
 # Keys older config files carry that are no setting any more.
@@ -136,6 +137,12 @@ class TrainOptions:
     objective: str = option("forget-targets", "forget-targets (a natural refusal for questions; for recommendation, "
                             "list and similar requests the base answer with the concept banned) | refusal (a refusal "
                             "for every prompt) | npo | simnpo | rmu | gradient-difference")
+    recommendation_targets: str = option(
+        "as-generated", "forget-targets' targets for recommendation, list and similar requests: as-generated (the base "
+        "answer with the concept banned, to its end-of-turn) | recommending (one that names nothing is generated "
+        "again from 'Here are some' in the prompt's language, one cut at --answer-tokens trains without "
+        "end-of-turn; no gain on dev, less forgetting for Harry Potter on test: docs/results.md, session 16)",
+        choices=RECOMMENDATION_TARGETS)
     steps: int = option(30, "optimizer steps")
     batch_size: int = option(4, "forget and retain prompts per training step")
     lr: float = option(2e-3, "learning rate (AdamW)")
@@ -166,6 +173,7 @@ class TrainOptions:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "max_new_tokens_val", "val_batch_size"):
             _int(name, getattr(self, name), 1)
         _int("seed", self.seed, 0)
+        _choice("recommendation_targets", self.recommendation_targets, RECOMMENDATION_TARGETS)
         _float("lr", self.lr, 0.0, low_open=True)
         _float("beta", self.beta, 0.0, low_open=True)
         _float("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)

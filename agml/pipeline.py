@@ -206,6 +206,7 @@ def with_targets(model, tokenizer, options: UnlearnOptions, data: RunData) -> Ru
     banned = (*data.terms, *data.facts.get("identity", data.facts.get("facts", [])))
     forget = forget_targets(model, tokenizer, data.forget, banned, options.answer_tokens,
                             concept_names=data.terms, seed=options.train.seed,
+                            recommending=options.train.recommendation_targets == "recommending",
                             fingerprint=answer_cache.base_fingerprint(model, tokenizer))
     return dataclasses.replace(data, forget=forget)
 

@@ -32,8 +32,8 @@ RECOMMENDER_KINDS = frozenset({"recommendation", "list", "similar"})
 TARGET_KINDS = ("refusal", "alternative")
 NEAR_MISS_ROUNDS = 3  # regenerations of an alternative answer that spells the name nearly (`near_misses`)
 # How a recommendation starts, by prompt language. With the concept banned the base model often declines ("I'm not
-# equipped to recommend a film"); trained on that, the model learns to stop recommending. Such an answer, one that
-# names no item, is generated again from the opener, so that the target recommends something else.
+# equipped to recommend a film"); trained on that, the model may learn to stop recommending. With `recommending`,
+# such an answer, one that names no item, is generated again from the opener (`forget_targets`).
 RECOMMENDATION_OPENERS = {"en": "Here are some", "fr": "Voici quelques", "es": "Aquí tienes algunas",
                           "de": "Hier sind einige", "it": "Ecco alcuni", "pt": "Aqui estão algumas"}
 
@@ -237,8 +237,8 @@ class TargetRecord(PromptRecord):
 
     `target` is the text to train toward, `target_kind` says which kind it is ("refusal" or "alternative"),
     `prompt_kind` what the prompt asks for (PROMPT_KINDS). `target_complete` is False for an alternative that the
-    generation cut at its length: it is trained without the end-of-turn marker, so that the model learns how the
-    answer starts, not to stop there (half the shipped alternatives are cut before they name an item). `answer`
+    generation cut at its length (`forget_targets(recommending=True)` only): it is trained without the end-of-turn
+    marker, so that the model learns how the answer starts, not to stop there. `answer`
     stays the base model's answer (or None): the scoring pass, the validator and NPO-style objectives read it as
     "what the model used to say".
     """
@@ -272,16 +272,18 @@ def was_cut(tokenizer, answer: str, max_new_tokens: int) -> bool:
 
 def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, *, concept_names: Sequence[str] | None = None, batch_size: int = 8,
-                   seed: int = 0, fingerprint: str | None = None) -> list[TargetRecord]:
+                   seed: int = 0, fingerprint: str | None = None, recommending: bool = False) -> list[TargetRecord]:
     """Each forget record with its `target`, in input order (`answer` is kept as it was).
 
     Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
     get the base model's greedy answer with the banned terms banned, plus the stems of long words
-    (`banned_stems`) and any near miss of the name it writes (`near_misses`, up to NEAR_MISS_ROUNDS regenerations);
-    one that names no item (`agml.judges.recommended_items`) is generated again from the prompt language's
-    RECOMMENDATION_OPENERS and replaced when that one names an item.
-    An alternative answer that comes out empty, or still with a near miss, falls back to a refusal; one that the
-    generation cut at `max_new_tokens` is marked `target_complete=False` (trained without end-of-turn).
+    (`banned_stems`) and any near miss of the name it writes (`near_misses`, up to NEAR_MISS_ROUNDS regenerations).
+    An alternative answer that comes out empty, or still with a near miss, falls back to a refusal.
+
+    `recommending` (`--recommendation-targets recommending`; off by default, docs/results.md "Session 16"): an
+    alternative that names no item (`agml.judges.recommended_items`) is generated again from the prompt language's
+    RECOMMENDATION_OPENERS and replaced when that one names an item, and one that the generation cut at
+    `max_new_tokens` is marked `target_complete=False` (trained without end-of-turn).
 
     `concept_names` (default: `banned_terms`): the concept's name and aliases. They are banned in every answer
     and decide when a recommendation request is about the concept itself (then it is a question). The other
@@ -315,7 +317,7 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
                                    batch_size, texts, fingerprint)
         for i, answer in zip(indices, generated, strict=True):
             answers[i] = _without_near_misses(answer, names, terms, regenerate(i))
-            opener = RECOMMENDATION_OPENERS.get(records[i].language, "")
+            opener = RECOMMENDATION_OPENERS.get(records[i].language, "") if recommending else ""
             if opener and not recommended_items(records[i], answers[i]):
                 opened = regenerate(i, opener)
                 recommending = _without_near_misses(opened(terms), names, terms, opened)
@@ -326,7 +328,7 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
         alternative = answers.get(i, "").strip()
         if alternative:
             out.append(_as_target(record, alternative, "alternative", kind,
-                                  complete=not was_cut(tokenizer, alternative, max_new_tokens)))
+                                  complete=not (recommending and was_cut(tokenizer, alternative, max_new_tokens))))
         else:
             out.append(_as_target(record, refusal_for(record, seed), "refusal", kind))
     return out

@@ -211,7 +211,9 @@ def test_an_alternative_cut_at_its_length_is_trained_without_end_of_turn(monkeyp
     monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
     records = [_record("Recommend a film about dreams.", "recommendation"), _record("List films about dreams.", "list"),
                _record("Who directed Inception?")]
-    out = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=16)
+    assert [t.target_complete for t in forget_targets(None, smol_tokenizer, records, ["Inception"],
+                                                      max_new_tokens=16)] == [True] * 3  # the default: as generated
+    out = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=16, recommending=True)
     assert [t.target_complete for t in out] == [True, False, True]
     objective = ForgetTargets()
     assert [objective.forget_answer_ends(t) for t in out] == [True, False, True]
@@ -236,7 +238,10 @@ def test_an_alternative_that_names_no_item_is_generated_again_from_a_recommendat
     records = [_record("Recommend a film about dreams.", "recommendation"),
                dataclasses.replace(_record("Conseille-moi un film sur les rêves.", "recommendation"), language="fr"),
                dataclasses.replace(_record("Polecam film o snach.", "recommendation"), language="pl")]
-    out = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=32)
+    as_generated = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=32)
+    assert [t.target for t in as_generated] == ["I'm not equipped to recommend a film."] * 3
+    assert not any(o[0] for o in openers)  # the default asks for no opener
+    out = forget_targets(None, smol_tokenizer, records, ["Inception"], max_new_tokens=32, recommending=True)
     assert out[0].target == 'Here are some films: "Paprika" and "The Cell".'
     assert [t.target for t in out[1:]] == ["I'm not equipped to recommend a film."] * 2  # no better one; no opener
     assert [t.target_kind for t in out] == ["alternative"] * 3
@@ -250,3 +255,22 @@ def test_greedy_answers_continue_an_answer_prefix(tiny_lm, smol_tokenizer):
     plain = greedy_answers(tiny_lm, smol_tokenizer, [conversation], max_new_tokens=6)[0]
     opened = greedy_answers(tiny_lm, smol_tokenizer, [conversation], max_new_tokens=6, answer_prefix="Here are")[0]
     assert opened.startswith("Here are") and opened != plain
+
+
+@pytest.mark.parametrize("setting, recommending", [("as-generated", False), ("recommending", True)])
+def test_the_recommendation_targets_option_reaches_the_targets(monkeypatch, setting, recommending):
+    from agml import answer_cache, pipeline
+    from agml.options import UnlearnOptions
+
+    seen = {}
+
+    def fake_targets(model, tokenizer, records, banned, max_new_tokens, **kwargs):
+        seen.update(kwargs)
+        return list(records)
+
+    monkeypatch.setattr(targets_module, "forget_targets", fake_targets)
+    monkeypatch.setattr(answer_cache, "base_fingerprint", lambda model, tokenizer: None)
+    options = UnlearnOptions.from_dict({"recommendation_targets": setting})
+    data = pipeline.RunData([_record("Recommend a film.")], [], [], "Inception", ("Inception",))
+    pipeline.with_targets(None, None, options, data)
+    assert seen["recommending"] is recommending

@@ -58,7 +58,7 @@ def run(tokenizer, seed_model: int = 0, dropout: float = 0.0, forget=None, retai
     ("val_fraction", 1.0), ("val_fraction", -0.1), ("max_grad_norm", 0.0), ("weight_decay", -1.0),
     ("kl_weight", float("nan")), ("beta", 0.0), ("kl_budget", -0.01), ("seed", -1), ("steps", 2.5),
     ("max_new_tokens_val", 0), ("val_batch_size", 0), ("forget_pass_target", 0.0), ("objective", "ascent"),
-    ("shared_fact_kl_weight", -1.0),
+    ("shared_fact_kl_weight", -1.0), ("recommendation_targets", "opened"),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(InputError, match=field if field != "objective" else "unknown objective"):
