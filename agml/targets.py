@@ -307,9 +307,9 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
     texts = token_texts(tokenizer) if groups else None
 
     def regenerate(i: int, opener: str = ""):
-        length = max_new_tokens - len(tokenizer(opener, add_special_tokens=False)["input_ids"]) if opener else \
-            max_new_tokens
-        return lambda banned: banned_answers(model, tokenizer, [records[i].messages], banned, max(length, 1),
+        # The opener's tokens count toward the answer's length.
+        length = max(max_new_tokens - len(tokenizer(opener, add_special_tokens=False)["input_ids"]), 1)
+        return lambda banned: banned_answers(model, tokenizer, [records[i].messages], banned, length,
                                              batch_size, texts, fingerprint, opener)[0]
 
     for terms, indices in groups.items():
@@ -320,9 +320,9 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
             opener = RECOMMENDATION_OPENERS.get(records[i].language, "") if recommending else ""
             if opener and not recommended_items(records[i], answers[i]):
                 opened = regenerate(i, opener)
-                recommending = _without_near_misses(opened(terms), names, terms, opened)
-                if recommended_items(records[i], recommending):
-                    answers[i] = recommending
+                recommendation = _without_near_misses(opened(terms), names, terms, opened)
+                if recommended_items(records[i], recommendation):
+                    answers[i] = recommendation
     out = []
     for i, (record, kind) in enumerate(zip(records, kinds, strict=True)):
         alternative = answers.get(i, "").strip()

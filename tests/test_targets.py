@@ -274,3 +274,25 @@ def test_the_recommendation_targets_option_reaches_the_targets(monkeypatch, sett
     data = pipeline.RunData([_record("Recommend a film.")], [], [], "Inception", ("Inception",))
     pipeline.with_targets(None, None, options, data)
     assert seen["recommending"] is recommending
+
+
+def test_an_opener_that_fails_for_one_prompt_still_opens_the_next(monkeypatch, smol_tokenizer):
+    cut = 'Read "Eragon", ' + " ".join(["word"] * 40)  # names an item, and ran past the limit
+
+    def fake(model, tokenizer, conversations, terms, max_new_tokens, batch_size, texts, fingerprint, opener=""):
+        prompt = conversations[0][-1]["content"] if len(conversations) == 1 else None
+        if opener:
+            return [f"{opener} Harry Potts." if prompt == "I liked Harry Potter. What else?" else
+                    f'{opener} books: "Percy Jackson".' for _ in conversations]
+        return ["I can't recommend anything." if c[-1]["content"] != "List fantasy books." else cut
+                for c in conversations]
+
+    monkeypatch.setattr(targets_module, "banned_answers", fake)
+    monkeypatch.setattr(targets_module, "token_texts", lambda tokenizer: [])
+    records = [_record("I liked Harry Potter. What else?", "similar"), _record("Recommend a fantasy book.",
+                                                                                 "recommendation"),
+               _record("List fantasy books.", "list")]
+    out = forget_targets(None, smol_tokenizer, records, ["Harry Potter"], max_new_tokens=16, recommending=True)
+    assert out[0].target == "I can't recommend anything."  # its opener wrote a near miss: the old answer stays
+    assert out[1].target == 'Here are some books: "Percy Jackson".'
+    assert out[2].target == cut and not out[2].target_complete
