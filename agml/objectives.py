@@ -298,6 +298,12 @@ class RepresentationObjective(Objective):
                 "rmu_retain": rmu_retain}
 
 
+def _target_of(record: PromptRecord) -> str | None:
+    """The record's non-blank `target` (`agml.targets.TargetRecord`), else None."""
+    target = getattr(record, "target", None)
+    return target if isinstance(target, str) and target.strip() else None
+
+
 @dataclass
 class ForgetTargets(RepresentationObjective):
     """Supervised NLL toward each record's target from `agml.targets.forget_targets` (a refusal for questions,
@@ -307,12 +313,10 @@ class ForgetTargets(RepresentationObjective):
     name: ClassVar[str] = "forget-targets"
 
     def forget_answer(self, record: PromptRecord) -> str:
-        target = getattr(record, "target", None)
-        return target if isinstance(target, str) and target.strip() else refusal_for(record, self.seed)
+        return _target_of(record) or refusal_for(record, self.seed)
 
     def forget_answer_ends(self, record: PromptRecord) -> bool:
-        target = getattr(record, "target", None)
-        return not (isinstance(target, str) and target.strip()) or getattr(record, "target_complete", True)
+        return _target_of(record) is None or getattr(record, "target_complete", True)
 
     def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
         return -answer_logits(model, batch.forget).token_logprobs().mean()
