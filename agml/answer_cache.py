@@ -1,5 +1,6 @@
 """On-disk cache of what the BASE model produces: greedy answers, sampled answers, multiple-choice scores and
-neutral-text perplexity ("before" of an evaluation), and the neuron scores of a training set, under
+neutral-text perplexity ("before" of an evaluation), the neuron scores of a training set, and the base model's
+answer states (its answer logits in compact form, `agml.logprobs.base_answer_states`) on fixed answer sets, under
 `$AGML_CACHE/answers/<fingerprint>/` (or `$AGML_ANSWER_CACHE/<fingerprint>/`).
 
 The base model is the same for every run of a model, so `agml eval` and `agml unlearn` recompute only the "after"
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agml import distributed
+from agml.data import IGNORE_INDEX
 from agml.errors import InputError
 from agml.io import atomic_write_json
 from agml.models import cache_dir, model_id
@@ -142,7 +144,50 @@ def cached_file(
         except (InputError, OSError):
             pass
     value = compute()
-    if distributed.is_main():
+    if value is not None and distributed.is_main():  # None: nothing worth keeping (computed again next time)
         path.parent.mkdir(parents=True, exist_ok=True)
         save(value, path)
     return value
+
+
+_STATES_FORMAT = "agml-answer-states"
+
+
+def _save_states(states: list, path: Path) -> None:
+    from agml.tensor_files import write_tensor_file
+
+    write_tensor_file(path, {f"batch.{i}": s.contiguous() for i, s in enumerate(states)}, _STATES_FORMAT,
+                      {"batches": str(len(states))})
+
+
+def _load_states(path: Path) -> list:
+    from agml.tensor_files import read_tensor_file
+
+    tensors, metadata = read_tensor_file(path, _STATES_FORMAT, "answer states")
+    try:
+        return [tensors[f"batch.{i}"] for i in range(int(metadata.get("batches", "")))]
+    except (KeyError, ValueError) as err:
+        raise InputError(f"{path} is incomplete") from err
+
+
+def cached_base_answer_states(fingerprint: str | None, kind: str, model, batches: Sequence[dict],
+                              desc: str | None = None) -> list | None:
+    """The base model's answer states of collated `batches` (`agml.logprobs.base_answer_states`: its answer logits
+    in compact form), keyed by `kind` and the batches' tokens. None when the cache is off (the caller then runs the
+    base model as it goes: within one run the states would not be reused) or when the model's logits are not its
+    head's output (never stored)."""
+    from agml.logprobs import base_answer_states
+
+    if fingerprint is None or not enabled():
+        return None
+    key = [[b[name].tolist() for name in ("input_ids", "attention_mask", "labels")] for b in batches]
+    answer_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+
+    def load(path: Path) -> list:
+        states = _load_states(path)
+        if [s.shape[0] for s in states] != answer_tokens:
+            raise InputError(f"{path} does not match its batches")  # a miss: computed again
+        return states
+
+    return cached_file(fingerprint, kind, key, lambda: base_answer_states(model, batches, desc),
+                       save=_save_states, load=load)

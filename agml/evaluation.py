@@ -56,7 +56,7 @@ from agml.judges import (
     probe_kind,
 )
 from agml.layers import adapter_merged
-from agml.logprobs import adapter_disabled, example_logprobs, kl_and_base_logprobs
+from agml.logprobs import adapter_disabled, example_logprobs, kl_and_base_logprobs, left_padded_batches
 from agml.noise_floor import flip_counts, noise_floor
 from agml.stats import rate_of, wilson_interval
 
@@ -414,7 +414,7 @@ def evaluate(
         result[key] = {side: rates[side][key] for side in ("before", "after")}
     result["cloze_logprob"] = _cloze_logprob(model, tokenizer, probes, before, concept_terms, batch_size, progress)
     result["retain_kl"], result["fluency"] = _retain_kl_and_fluency(model, tokenizer, probes, before, after,
-                                                                    batch_size, progress)
+                                                                    batch_size, progress, fingerprint)
     result["forget_coherence"] = {"before": forget_coherence(probes, before),
                                   "after": forget_coherence(probes, after)}
     result["capability"] = (capability_before_after(model, tokenizer, fingerprint, batch_size)
@@ -427,17 +427,23 @@ def evaluate(
     return result
 
 
-def _retain_kl_and_fluency(model, tokenizer, probes, before, after, batch_size, progress) -> tuple[float | None, dict]:
+def _retain_kl_and_fluency(model, tokenizer, probes, before, after, batch_size, progress,
+                           fingerprint: str | None = None) -> tuple[float | None, dict]:
     """Retain KL on the base answers, and the fluency of the RETAIN answers only (a canned refusal to a forget probe
     is the goal, not a fluency gain). The KL pass also gives the base log-probabilities of the base answers: they are
     the base perplexity before, and after for every answer the adapter left unchanged (most of them), so only the
-    changed answers need a pass of their own."""
+    changed answers need a pass of their own. The base side of the KL comes from cached answer states when the
+    cache is on (the base answers are cached, so their base logits are too)."""
     retain = [p for p in probes if p.type == "retain"]
     kept = {name: [a for p, a in zip(probes, answers, strict=True) if p.type == "retain"]
             for name, answers in (("before", before), ("after", after))}
     pad = pad_token_id(tokenizer)
-    passes = kl_and_base_logprobs(model, _answer_examples(tokenizer, retain, kept["before"]), pad, batch_size,
-                             desc=_desc("retain KL", progress))
+    examples = _answer_examples(tokenizer, retain, kept["before"])
+    batches = [batch for _, batch in left_padded_batches(examples, pad, batch_size, None)]
+    states = answer_cache.cached_base_answer_states(fingerprint, "retain-kl-states", model, batches,
+                                                    desc=_desc("retain KL (base)", progress))
+    passes = kl_and_base_logprobs(model, examples, pad, batch_size, desc=_desc("retain KL", progress),
+                                  base_states=states)
     changed = [i for i, (b, a) in enumerate(zip(kept["before"], kept["after"], strict=True)) if a != b]
     totals, counts = list(passes.base_totals), list(passes.counts)
     changed_totals, changed_counts = example_logprobs(

@@ -77,16 +77,22 @@ def _forward_accepts(model: torch.nn.Module, keyword: str) -> bool:
     return keyword in inspect.signature(_base_of(model).forward).parameters
 
 
+def _predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bool mask of the positions that predict an answer token, their targets, their batch rows), row-major."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if not predicts.any():
+        raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
+    return predicts, labels[:, 1:][predicts[:, :-1]], predicts.nonzero()[:, 0]
+
+
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerLogits:
     """Run `model` on a collated batch and return the logits that predict its labelled (answer) tokens."""
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
-    predicts = torch.zeros_like(labels, dtype=torch.bool)
-    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    if not predicts.any():
-        raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
+    predicts, targets, rows = _predicting_positions(labels)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": position_ids(attention_mask), "use_cache": False}
     if _forward_accepts(model, "logits_to_keep"):
@@ -95,8 +101,6 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Ans
             logits = logits[predicts]
     else:
         logits = model(**kwargs).logits[predicts]
-    targets = labels[:, 1:][predicts[:, :-1]]
-    rows = predicts.nonzero()[:, 0]
     return AnswerLogits(logits.float(), targets, rows, labels.shape[0])
 
 
@@ -104,6 +108,67 @@ def base_answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     """`answer_logits` of the base model: the same model with its adapter disabled, without gradients."""
     with torch.no_grad(), adapter_disabled(model):
         return answer_logits(model, batch)
+
+
+# --- the base model's answer states: its answer logits, kept small --------------------------------------------------
+#
+# The base model's logits on a fixed set of answers are a base-model output like its answers, so they can be computed
+# once and reused (across training steps and across runs, through agml.answer_cache). Logits are too big to keep
+# (one vocabulary-sized row per answer token); the output head's INPUT at the same positions (the last hidden state,
+# hidden-size floats) is small, and the head turns it back into exactly the base logits. Where the model does more
+# after its head (logit soft-capping, scaling), the states would not give the same logits: the check below finds that
+# and the caller falls back to running the base model. See docs/architecture.md ("Log-probabilities").
+
+
+@contextmanager
+def _captured_head_inputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    head = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, args, out: captured.append(args[0].detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _head_logits(model: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    return head(states.to(head.weight.device, head.weight.dtype)).float()
+
+
+@torch.no_grad()
+def base_answer_states(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                       desc: str | None = None) -> list[torch.Tensor] | None:
+    """Per collated batch, the base model's output-head input at its answer-predicting positions ((N, hidden) in
+    `AnswerLogits` order, on the CPU), such that `states_answer_logits` gives the base answer logits of that batch
+    exactly; None when the model's logits are not its head applied to those states (checked on the first batch) or
+    it has no separate output head."""
+    if not batches or not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        return None
+    states: list[torch.Tensor] = []
+    for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        with _captured_head_inputs(model) as captured:
+            out = base_answer_logits(model, batch)
+        if len(captured) != 1:
+            return None
+        hidden = captured[0]
+        if hidden.dim() == 3:
+            hidden = hidden[_predicting_positions(batch["labels"].to(hidden.device))[0]]
+        if not states and (hidden.shape[0] != out.logits.shape[0]
+                           or not torch.equal(_head_logits(model, hidden), out.logits)):
+            return None
+        states.append(hidden.cpu())
+    return states
+
+
+def states_answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                         states: torch.Tensor) -> AnswerLogits:
+    """The base model's `answer_logits` on `batch` from its answer states (one entry of `base_answer_states`)."""
+    predicts, targets, rows = _predicting_positions(batch["labels"])
+    if states.shape[0] != targets.shape[0]:
+        raise InputError(f"the answer states cover {states.shape[0]} answer tokens, the batch has {targets.shape[0]}")
+    logits = _head_logits(model, states)
+    return AnswerLogits(logits, targets.to(logits.device), rows.to(logits.device), predicts.shape[0])
 
 
 def kl_per_token(base: AnswerLogits, current: AnswerLogits, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +207,7 @@ def _shortest_first(lengths: Sequence[int], batch_size: int, desc: str | None) -
         yield order[start:start + batch_size]
 
 
-def _left_padded_batches(examples: Sequence[Example], pad_id: int, batch_size: int,
+def left_padded_batches(examples: Sequence[Example], pad_id: int, batch_size: int,
                          desc: str | None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """(indices of its examples, left-padded batch), shortest examples first (`_shortest_first`)."""
     for indices in _shortest_first([len(e.input_ids) for e in examples], batch_size, desc):
@@ -176,7 +241,7 @@ def example_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id
     totals = [0.0] * len(examples)
     counts = [0] * len(examples)
     with _maybe_base(model, base):
-        for indices, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
+        for indices, batch in left_padded_batches(examples, pad_id, batch_size, desc):
             out = answer_logits(model, batch)
             _add_per_example(out, out.token_logprobs(), indices, totals, counts)
     return totals, counts
@@ -195,24 +260,36 @@ class KlAndBaseLogprobs:
 
 @torch.no_grad()
 def kl_and_base_logprobs(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
-                    desc: str | None = None) -> KlAndBaseLogprobs:
+                         desc: str | None = None,
+                         base_states: Sequence[torch.Tensor] | None = None) -> KlAndBaseLogprobs:
     """KL(base || model) per labelled token over `examples`, and the base model's log-probabilities of them.
 
     One base pass and one adapter pass (merged, `agml.layers.adapter_merged`) per batch give both: the evaluation
-    wants the retain KL and the base perplexity of the same answers.
+    wants the retain KL and the base perplexity of the same answers. With `base_states` (`base_answer_states` of
+    `left_padded_batches(examples, pad_id, batch_size)`) the base side comes from them instead of a base pass.
     """
     kl_total = 0.0
     totals = [0.0] * len(examples)
     counts = [0] * len(examples)
-    for indices, batch in _left_padded_batches(examples, pad_id, batch_size, desc):
-        base = base_answer_logits(model, batch)
+    for number, (indices, batch) in enumerate(left_padded_batches(examples, pad_id, batch_size, desc)):
+        base = (base_answer_logits(model, batch) if base_states is None
+                else states_answer_logits(model, batch, base_states[number]))
         base_logprobs = torch.log_softmax(base.logits, dim=-1)
         with adapter_merged(model):
             logprobs = torch.log_softmax(answer_logits(model, batch).logits, dim=-1)
-        kl_total += float((base_logprobs.exp() * (base_logprobs - logprobs)).sum())
+        kl_total += _kl_sum(base_logprobs, logprobs)
         _add_per_example(base, base_logprobs.gather(-1, base.targets[:, None]).squeeze(-1), indices, totals, counts)
     tokens = sum(counts)
     return KlAndBaseLogprobs(kl_total / tokens if tokens else None, totals, counts)
+
+
+KL_CHUNK_TOKENS = 512  # answer tokens per slice of the KL sum: its temporaries stay (512, vocab), whatever the batch
+
+
+def _kl_sum(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """sum over tokens and vocabulary of p_base (log p_base - log p), in slices of KL_CHUNK_TOKENS tokens."""
+    return sum(float((b.exp() * (b - c)).sum())
+               for b, c in zip(base_logprobs.split(KL_CHUNK_TOKENS), logprobs.split(KL_CHUNK_TOKENS), strict=True))
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from agml.logprobs import (  # noqa: F401  (re-exported: the objectives' public 
     base_answer_logits,
     kl_per_token,
     sequence_logprobs,
+    states_answer_logits,
 )
 
 # Natural, varied ways to decline. None of them names the concept, so the refusal objective cannot leak it.
@@ -63,9 +64,14 @@ def reference_sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.T
     return out.per_sequence_sum(out.token_logprobs())
 
 
-def retain_kl(model: torch.nn.Module, retain_batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, AnswerLogits]:
-    """KL(base || model) per retain answer token, and the model's answer logits (reused for retain NLL)."""
-    base = base_answer_logits(model, retain_batch)
+def retain_kl(model: torch.nn.Module, retain_batch: dict[str, torch.Tensor],
+              base_states: torch.Tensor | None = None) -> tuple[torch.Tensor, AnswerLogits]:
+    """KL(base || model) per retain answer token, and the model's answer logits (reused for retain NLL).
+
+    `base_states` (the batch's `agml.logprobs.base_answer_states`) give the base side without a base pass."""
+    with torch.no_grad():
+        base = (base_answer_logits(model, retain_batch) if base_states is None
+                else states_answer_logits(model, retain_batch, base_states))
     current = answer_logits(model, retain_batch)
     return kl_per_token(base, current, answer_token_weights(retain_batch)), current
 
@@ -79,11 +85,13 @@ class UnlearnBatch:
 
     `forget_reference_logprobs` optionally holds the base model's summed answer log-probability per forget row
     (NPO's reference); when None, NPO computes it with one extra no-grad forward with the adapter disabled.
+    `retain_base_states` optionally holds the base model's answer states of the retain batch (`retain_kl`).
     """
 
     forget: dict[str, torch.Tensor]
     retain: dict[str, torch.Tensor]
     forget_reference_logprobs: torch.Tensor | None = None
+    retain_base_states: torch.Tensor | None = None
 
 
 @dataclass
@@ -111,6 +119,11 @@ class Objective(ABC):
         one, e.g. a cut alternative target)."""
         return True
 
+    @property
+    def reads_retain_base_states(self) -> bool:
+        """Whether the retain term can take the base side from `UnlearnBatch.retain_base_states`."""
+        return True
+
     @abstractmethod
     def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
         """The forget part of the loss (a scalar to minimise)."""
@@ -118,7 +131,7 @@ class Objective(ABC):
     def __call__(self, model: torch.nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         _require_adapter(model)
         forget_loss = self.forget_term(model, batch)
-        kl, _ = retain_kl(model, batch.retain)
+        kl, _ = retain_kl(model, batch.retain, batch.retain_base_states)
         return {"loss": forget_loss + self.retain_weight * kl, "forget_loss": forget_loss, "retain_kl": kl}
 
 
@@ -212,7 +225,7 @@ class GradientDifference(Objective):
     def __call__(self, model: torch.nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         _require_adapter(model)
         forget_loss = self.forget_term(model, batch)
-        kl, current = retain_kl(model, batch.retain)
+        kl, current = retain_kl(model, batch.retain, batch.retain_base_states)
         retain_nll = -current.token_logprobs().mean()
         loss = forget_loss + self.retain_weight * kl + self.retain_nll_weight * retain_nll
         return {"loss": loss, "forget_loss": forget_loss, "retain_kl": kl, "retain_nll": retain_nll}
@@ -263,6 +276,10 @@ class RepresentationObjective(Objective):
     concept_token_ids: list = dataclasses.field(default_factory=list)
     seed: int = 0
 
+    @property
+    def reads_retain_base_states(self) -> bool:
+        return self.rmu_weight == 0  # the representation term runs the base model for its activations anyway
+
     def __post_init__(self) -> None:
         from agml.representation import POSITIONS
 
@@ -286,7 +303,7 @@ class RepresentationObjective(Objective):
         _require_adapter(model)
         forget_loss = self.forget_term(model, batch)
         if self.rmu_weight == 0:
-            kl, _ = retain_kl(model, batch.retain)
+            kl, _ = retain_kl(model, batch.retain, batch.retain_base_states)
             return {"loss": forget_loss + self.retain_weight * kl, "forget_loss": forget_loss, "retain_kl": kl}
         neurons = selected_neurons(model)
         rmu_forget = rmu_forget_loss(model, batch.forget, neurons, random_directions(neurons, self.seed),

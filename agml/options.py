@@ -217,7 +217,7 @@ class EvalOptions:
     """The before/after evaluation on held-out probes."""
 
     max_new_tokens: int = option(64, "probe answer length")
-    eval_batch_size: int = option(32, "probes answered (and scored) per batch")
+    eval_batch_size: int = option(64, "probes answered (and scored) per batch")
     samples: int = option(0, "best-of-N sampled answers per forget probe (temperature 0.7, seeded): a probe leaks "
                              "if any sample leaks; 0 = greedy only")
     noise_floor_seeds: int = option(

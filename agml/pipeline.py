@@ -335,6 +335,7 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
     data = resolve_data(options)
     data = dataclasses.replace(data, probes=probe_defaults.with_default_forbidden(data.probes, data.terms, log))
 
+    from agml import answer_cache
     from agml.adapters import export_baked, save_adapter
     from agml.evaluation import evaluate
     from agml.layers import AGML_CONFIG
@@ -388,7 +389,8 @@ def run_unlearn(options: UnlearnOptions, force: bool = False, resume: bool = Fal
                               training_options(options, tokenizer, data),
                               checkpoint_dir=work / "checkpoint", resume=resume, progress=main,
                               shared_token_ids=_shared_fact_token_ids(
-                                  tokenizer, data, options.train.shared_fact_kl_weight != 1.0))
+                                  tokenizer, data, options.train.shared_fact_kl_weight != 1.0),
+                              fingerprint=answer_cache.base_fingerprint(peft_model, tokenizer))
     adapter_check.check_trained_adapter(peft_model)
     clock.lap("training")
     evaluation = evaluate(peft_model, tokenizer, data.probes, max_new_tokens=options.eval.max_new_tokens,

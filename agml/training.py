@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from agml import distributed
+from agml import answer_cache, distributed
 from agml.checkpoints import load_checkpoint, save_checkpoint
 from agml.data import Example, PromptRecord, build_example, collate, pad_token_id
 from agml.entities import entity_positions
@@ -197,21 +197,23 @@ class _Data:
     pad: int
     shared_token_ids: Sequence[Sequence[int]] = ()
     shared_fact_kl_weight: float = 1.0
+    retain_base_states: list[torch.Tensor] | None = None  # per step (`with_retain_base_states`)
 
-    def _retain_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        batch = _collate(examples, self.pad)
+    def retain_batch(self, config: TrainOptions, step: int) -> dict[str, torch.Tensor]:
+        # Every process draws the same global batch and trains on its shard of it (data parallelism).
+        r_idx = distributed.shard(batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step))
+        batch = _collate([self.retain[i] for i in r_idx], self.pad)
         if self.shared_token_ids and self.shared_fact_kl_weight != 1.0:
             shared = entity_positions(batch["input_ids"], self.shared_token_ids).float()
             batch["kl_weights"] = 1.0 + (self.shared_fact_kl_weight - 1.0) * shared
         return batch
 
     def batch(self, config: TrainOptions, step: int) -> UnlearnBatch:
-        # Every process draws the same global batch and trains on its shard of it (data parallelism).
         f_idx = distributed.shard(batch_indices(len(self.forget), config.batch_size, config.seed, _FORGET_STREAM, step))
-        r_idx = distributed.shard(batch_indices(len(self.retain), config.batch_size, config.seed, _RETAIN_STREAM, step))
         reference = self.forget_reference[f_idx] if self.forget_reference is not None else None
-        return UnlearnBatch(_collate([self.forget[i] for i in f_idx], self.pad),
-                            self._retain_batch([self.retain[i] for i in r_idx]), reference)
+        states = self.retain_base_states[step] if self.retain_base_states is not None else None
+        return UnlearnBatch(_collate([self.forget[i] for i in f_idx], self.pad), self.retain_batch(config, step),
+                            reference, states)
 
 
 def _rng_devices(model: torch.nn.Module) -> list[torch.device]:
@@ -245,6 +247,7 @@ def train_unlearning(
     resume: bool = False,
     progress: bool = True,
     shared_token_ids: Sequence[Sequence[int]] = (),
+    fingerprint: str | None = None,
 ) -> TrainResult:
     """Train the model's adapter to forget `forget` while staying close to the base model on `retain`.
 
@@ -253,7 +256,9 @@ def train_unlearning(
     the held-out forget prompts pass and retain KL is within `kl_budget`. Checkpoints go to `checkpoint_dir` every
     `checkpoint_every` steps and at the end; `resume=True` continues from the checkpoint there, if any.
     `shared_token_ids`: token sequences of facts the concept shares with its neighbours; the retain KL on the
-    answer tokens that spell them is scaled by `config.shared_fact_kl_weight`.
+    answer tokens that spell them is scaled by `config.shared_fact_kl_weight`. `fingerprint` (the base model's,
+    `agml.answer_cache.base_fingerprint`) lets the retain KL read the base side from cached answer states instead of
+    a base pass per step: the retain answers are the base model's own (cached) answers, so are their base logits.
     """
     if not forget or not retain:
         raise InputError(f"unlearning needs forget and retain prompts (got {len(forget)} forget, {len(retain)} retain)")
@@ -276,6 +281,12 @@ def train_unlearning(
     reference = (_reference_sequence_logprobs(model, forget_examples, pad, config.batch_size)
                  if objective.needs_forget_reference else None)
     data = _Data(forget_examples, retain_examples, reference, pad, shared_token_ids, config.shared_fact_kl_weight)
+    if objective.reads_retain_base_states:
+        # The base side of every step's retain KL, computed on the very batches the steps draw (so the numbers are
+        # those of a base pass inside the step) and cached across runs with the base answers they are made of.
+        data.retain_base_states = answer_cache.cached_base_answer_states(
+            fingerprint, "retain-train-states", model, [data.retain_batch(config, s) for s in range(config.steps)],
+            "retain answers (base)" if progress else None)
     validator = Validator(model, tokenizer, val_forget, val_retain or train_retain, config) if val_forget else None
 
     start, history, stopped_early, validation = 0, [], False, None

@@ -47,9 +47,10 @@ def adapter(model) -> dict[str, torch.Tensor]:
 def run(tokenizer, seed_model: int = 0, dropout: float = 0.0, forget=None, retain=None, **options):
     model = peft_model(seed_model, dropout)
     checkpoint_dir = options.pop("checkpoint_dir", None)
+    fingerprint = options.pop("fingerprint", None)
     config = train_options(**{**FAST, **options})
     result = train_unlearning(model, tokenizer, forget or records("forget", 5), retain or records("retain", 5), config,
-                              checkpoint_dir=checkpoint_dir, progress=False)
+                              checkpoint_dir=checkpoint_dir, progress=False, fingerprint=fingerprint)
     return model, result
 
 
@@ -224,11 +225,12 @@ def test_retain_kl_is_weighted_on_the_tokens_of_shared_facts(smol_tokenizer):
               build_example(smol_tokenizer, ({"role": "user", "content": "What is 2 plus 2?"},), "It is 4.")]
     shared = entity_token_ids(smol_tokenizer, ["nolan"])
     pad = pad_token_id(smol_tokenizer)
-    batch = training._Data([], retain, None, pad, shared, 10.0)._retain_batch(retain)
+    both = TrainOptions(batch_size=2)  # one step's retain batch holds both examples
+    batch = training._Data([], retain, None, pad, shared, 10.0).retain_batch(both, 0)
     weights = answer_token_weights(batch)
     spelled = len(smol_tokenizer(" Nolan", add_special_tokens=False)["input_ids"])
     assert int((weights == 10.0).sum()) == spelled and int((weights == 1.0).sum()) == len(weights) - spelled
-    assert "kl_weights" not in training._Data([], retain, None, pad, shared, 1.0)._retain_batch(retain)
+    assert "kl_weights" not in training._Data([], retain, None, pad, shared, 1.0).retain_batch(both, 0)
     model = peft_model()
     with torch.no_grad():
         for name, param in model.named_parameters():
