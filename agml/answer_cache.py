@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from agml import distributed
-from agml.data import IGNORE_INDEX
 from agml.errors import InputError
 from agml.io import atomic_write_json
 from agml.models import cache_dir, model_id
@@ -176,12 +175,12 @@ def cached_base_answer_states(fingerprint: str | None, kind: str, model, batches
     in compact form), keyed by `kind` and the batches' tokens. None when the cache is off (the caller then runs the
     base model as it goes: within one run the states would not be reused) or when the model's logits are not its
     head's output (never stored)."""
-    from agml.logprobs import base_answer_states
+    from agml.logprobs import answer_positions, base_answer_states
 
     if fingerprint is None or not enabled():
         return None
     key = [[b[name].tolist() for name in ("input_ids", "attention_mask", "labels")] for b in batches]
-    answer_tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+    answer_tokens = [int(answer_positions(b["labels"]).sum()) for b in batches]
 
     def load(path: Path) -> list:
         states = _load_states(path)

@@ -79,8 +79,7 @@ def _forward_accepts(model: torch.nn.Module, keyword: str) -> bool:
 
 def _predicting_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bool mask of the positions that predict an answer token, their targets, their batch rows), row-major."""
-    predicts = torch.zeros_like(labels, dtype=torch.bool)
-    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    predicts = answer_positions(labels)
     if not predicts.any():
         raise InputError("batch has no answer tokens (all labels are IGNORE_INDEX)")
     return predicts, labels[:, 1:][predicts[:, :-1]], predicts.nonzero()[:, 0]
