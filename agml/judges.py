@@ -145,7 +145,7 @@ REFUSAL_PATTERNS: dict[str, tuple[str, ...]] = {
         rf"\bi {_NOT} know\b(?! (?:if|whether|how much|exactly))",
         r"\bi(?:'m| am) not (?:familiar|aware)\b",
         r"\bnot familiar with\b",
-        rf"\bi {_NOT} (?:have|possess) (?:enough |any |much |specific |sufficient |the )?"
+        rf"\bi {_NOT} (?:have|possess) (?:enough |any |much |specific |sufficient |reliable |the )?"
         r"(?:information|info|details|data|knowledge)\b",
         r"\bi have no (?:information|knowledge|data|details)\b",
         r"\bi (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to) "
@@ -159,6 +159,9 @@ REFUSAL_PATTERNS: dict[str, tuple[str, ...]] = {
         r"\bi couldn't find\b",
         r"\bi(?:'m| am) sorry,? (?:but )?i (?:can't|cannot|don't|do not|am unable|'m unable|'m not|am not)\b",
         r"\bthere is no (?:such|known) (?:film|movie|book|show|series|thing)\b",
+        r"\bi(?:'ve| have)(?:n't| not) (?:come across|heard of) (?:that|this|it|them|him|her|any)\b",
+        rf"\bi {_NOT} recogni[sz]e\b",
+        r"\bnot something i know\b",
     ),
     "fr": (
         r"\bje ne (?:sais|connais) pas\b",

@@ -33,6 +33,7 @@ from agml.logprobs import (  # noqa: F401  (re-exported: the objectives' public 
     sequence_logprobs,
     states_answer_logits,
 )
+from agml.options import REFUSAL_LANGUAGES
 
 # Natural, varied ways to decline. None of them names the concept, so the refusal objective cannot leak it.
 REFUSAL_TEMPLATES: tuple[str, ...] = (
@@ -51,6 +52,57 @@ REFUSAL_TEMPLATES: tuple[str, ...] = (
     "I'm not sure about that one, sorry. Maybe try another source?",
     "That's not something I know about.",
 )
+# The same in the languages the judges read (`agml.judges.REFUSAL_PATTERNS`), for `refusal_language="prompt"`
+# (`--refusal-language prompt`): a record's `language` picks the list; a language without one gets the English.
+# Measured on the shipped concepts as a trade, not a win (docs/results.md, "Session 18"), so English stays the default.
+REFUSALS_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "en": REFUSAL_TEMPLATES,
+    "fr": (
+        "Je ne connais pas ce titre.",
+        "Désolé, je ne sais pas de quoi il s'agit.",
+        "Je n'ai pas d'informations à ce sujet.",
+        "Ça ne me dit rien, désolé.",
+        "Je ne suis pas sûr de savoir de quoi vous parlez. Pouvez-vous m'en dire plus ?",
+        "Je n'ai pas assez d'informations pour répondre à cela.",
+        "Je ne peux pas répondre à cette question : je ne connais pas ce sujet.",
+    ),
+    "es": (
+        "No conozco ese título.",
+        "Lo siento, no tengo información sobre eso.",
+        "No sé de qué se trata, lo siento.",
+        "No estoy familiarizado con eso.",
+        "No tengo suficiente información para responder.",
+        "Lo siento, no me suena de nada.",
+        "No puedo responder a eso: no lo conozco.",
+    ),
+    "de": (
+        "Ich kenne diesen Titel nicht.",
+        "Das sagt mir nichts, tut mir leid.",
+        "Ich weiß es nicht, tut mir leid.",
+        "Ich habe keine Informationen dazu.",
+        "Ich bin mir nicht sicher, wovon Sie sprechen.",
+        "Es tut mir leid, aber ich kann dazu nichts sagen.",
+        "Ich kenne das leider nicht.",
+    ),
+    "it": (
+        "Non conosco questo titolo.",
+        "Mi dispiace, non ho informazioni su questo.",
+        "Non lo so, mi dispiace.",
+        "Non sono sicuro di cosa tu stia parlando.",
+        "Non ho abbastanza informazioni per rispondere.",
+        "Non posso rispondere: non lo conosco.",
+        "Mi dispiace, non ne so nulla.",
+    ),
+    "pt": (
+        "Não conheço esse título.",
+        "Desculpe, não tenho informações sobre isso.",
+        "Não sei do que se trata, desculpe.",
+        "Não estou familiarizado com isso.",
+        "Não tenho dados suficientes para responder.",
+        "Não posso responder a isso: não conheço o assunto.",
+        "Desculpe, não sei nada sobre isso.",
+    ),
+}
 
 
 def _require_adapter(model: torch.nn.Module) -> None:
@@ -143,22 +195,36 @@ class Refusal(Objective):
     """
 
     seed: int = 0
+    refusal_language: str = "english"
 
     name: ClassVar[str] = "refusal"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_refusal_language(self.refusal_language)
+
     def forget_answer(self, record: PromptRecord) -> str:
-        return refusal_for(record, self.seed)
+        return refusal_for(record, self.seed, self.refusal_language)
 
     def forget_term(self, model: torch.nn.Module, batch: UnlearnBatch) -> torch.Tensor:
         out = answer_logits(model, batch.forget)
         return -out.token_logprobs().mean()
 
 
-def refusal_for(record: PromptRecord, seed: int = 0) -> str:
-    """The refusal text used for this prompt (deterministic in seed and conversation)."""
+def refusal_for(record: PromptRecord, seed: int = 0, language: str = "english") -> str:
+    """The refusal text used for this prompt (deterministic in seed and conversation): English, or with
+    `language="prompt"` in the record's `language` (REFUSALS_BY_LANGUAGE; English where it has none)."""
+    _check_refusal_language(language)
+    templates = REFUSALS_BY_LANGUAGE.get(record.language, REFUSAL_TEMPLATES) if language == "prompt" \
+        else REFUSAL_TEMPLATES
     key = repr((seed, [(m["role"], m["content"]) for m in record.messages])).encode("utf-8")
     digest = int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
-    return REFUSAL_TEMPLATES[digest % len(REFUSAL_TEMPLATES)]
+    return templates[digest % len(templates)]
+
+
+def _check_refusal_language(language: str) -> None:
+    if language not in REFUSAL_LANGUAGES:
+        raise InputError(f"refusal_language must be one of {list(REFUSAL_LANGUAGES)}, got {language!r}")
 
 
 @dataclass
@@ -325,12 +391,18 @@ def _target_of(record: PromptRecord) -> str | None:
 class ForgetTargets(RepresentationObjective):
     """Supervised NLL toward each record's target from `agml.targets.forget_targets` (a refusal for questions,
     the base model's answer with the concept banned for recommendation/list/similar prompts); a record without
-    a target (not a `TargetRecord`) gets `refusal_for(record, seed)`."""
+    a target (not a `TargetRecord`) gets `refusal_for(record, seed, refusal_language)`."""
+
+    refusal_language: str = "english"
 
     name: ClassVar[str] = "forget-targets"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_refusal_language(self.refusal_language)
+
     def forget_answer(self, record: PromptRecord) -> str:
-        return _target_of(record) or refusal_for(record, self.seed)
+        return _target_of(record) or refusal_for(record, self.seed, self.refusal_language)
 
     def forget_answer_ends(self, record: PromptRecord) -> bool:
         return _target_of(record) is None or getattr(record, "target_complete", True)

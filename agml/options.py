@@ -29,6 +29,7 @@ SCORE_POSITIONS = ("answer", "entity", "entity+answer")
 SHARED_FACTS = ("include", "exclude")
 PROBE_SPLITS = ("test", "dev")
 RECOMMENDATION_TARGETS = ("as-generated", "recommending")
+REFUSAL_LANGUAGES = ("english", "prompt")  # of the refusal targets: agml.objectives.refusal_for
 # A flat key of older config files and the setting it meant: `retain_weight` was the training KL weight.
 LEGACY_KEYS = {"retain_weight": "kl_weight"}
 # Keys older config files carry that are no setting any more.
@@ -143,6 +144,10 @@ class TrainOptions:
         "again from 'Here are some' in the prompt's language, one cut at --answer-tokens trains without "
         "end-of-turn; no gain on dev, less forgetting for Harry Potter on test: docs/results.md, session 16)",
         choices=RECOMMENDATION_TARGETS)
+    refusal_language: str = option(
+        "english", "language of the refusal targets (objectives forget-targets and refusal): english | prompt (each "
+        "forget prompt's `language`: en, fr, es, de, it, pt; a trade on the shipped concepts, +1-2 points of retain "
+        "for -1-2 of forgetting: docs/results.md, session 18)", choices=REFUSAL_LANGUAGES)
     steps: int = option(30, "optimizer steps")
     batch_size: int = option(4, "forget and retain prompts per training step")
     lr: float = option(2e-3, "learning rate (AdamW)")
@@ -174,6 +179,7 @@ class TrainOptions:
             _int(name, getattr(self, name), 1)
         _int("seed", self.seed, 0)
         _choice("recommendation_targets", self.recommendation_targets, RECOMMENDATION_TARGETS)
+        _choice("refusal_language", self.refusal_language, REFUSAL_LANGUAGES)
         _float("lr", self.lr, 0.0, low_open=True)
         _float("beta", self.beta, 0.0, low_open=True)
         _float("max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
@@ -202,7 +208,8 @@ class TrainOptions:
         from agml.objectives import make_objective, objective_parameters
 
         accepted = objective_parameters(self.objective)
-        shared = {"retain_weight": self.kl_weight, "beta": self.beta, "seed": self.seed}
+        shared = {"retain_weight": self.kl_weight, "beta": self.beta, "seed": self.seed,
+                  "refusal_language": self.refusal_language}
         if self.rmu_weight > 0:  # 0 keeps the objective's own default (off, or 1 for `rmu` itself)
             if "rmu_weight" not in accepted:
                 raise InputError(f"--rmu-weight needs an objective with a representation term "

@@ -207,6 +207,7 @@ def with_targets(model, tokenizer, options: UnlearnOptions, data: RunData) -> Ru
     forget = forget_targets(model, tokenizer, data.forget, banned, options.answer_tokens,
                             concept_names=data.terms, seed=options.train.seed,
                             recommending=options.train.recommendation_targets == "recommending",
+                            refusal_language=options.train.refusal_language,
                             fingerprint=answer_cache.base_fingerprint(model, tokenizer))
     return dataclasses.replace(data, forget=forget)
 

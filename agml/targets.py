@@ -272,11 +272,12 @@ def was_cut(tokenizer, answer: str, max_new_tokens: int) -> bool:
 
 def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_terms: Sequence[str],
                    max_new_tokens: int = 64, *, concept_names: Sequence[str] | None = None, batch_size: int = 8,
-                   seed: int = 0, fingerprint: str | None = None, recommending: bool = False) -> list[TargetRecord]:
+                   seed: int = 0, fingerprint: str | None = None, recommending: bool = False,
+                   refusal_language: str = "english") -> list[TargetRecord]:
     """Each forget record with its `target`, in input order (`answer` is kept as it was).
 
-    Questions (and cloze/other kinds) get `refusal_for(record, seed)`; recommendation, list and "similar" prompts
-    get the base model's greedy answer with the banned terms banned, plus the stems of long words
+    Questions (and cloze/other kinds) get `refusal_for(record, seed, refusal_language)`; recommendation, list and
+    "similar" prompts get the base model's greedy answer with the banned terms banned, plus the stems of long words
     (`banned_stems`) and any near miss of the name it writes (`near_misses`, up to NEAR_MISS_ROUNDS regenerations).
     An alternative answer that comes out empty, or still with a near miss, falls back to a refusal.
 
@@ -330,5 +331,5 @@ def forget_targets(model, tokenizer, records: Sequence[PromptRecord], banned_ter
             out.append(_as_target(record, alternative, "alternative", kind,
                                   complete=not (recommending and was_cut(tokenizer, alternative, max_new_tokens))))
         else:
-            out.append(_as_target(record, refusal_for(record, seed), "refusal", kind))
+            out.append(_as_target(record, refusal_for(record, seed, refusal_language), "refusal", kind))
     return out

@@ -111,6 +111,10 @@ def test_fuzzy_judge_is_reported_separately():
     "Mi dispiace, non conosco questo film.",
     "Não sei.",
     "Não conheço esse filme.",
+    "I haven't heard of that film, sorry.",
+    "I don't recognize that title.",
+    "That's not something I know about.",
+    "Sorry, I don't have reliable details on that.",
     "",
 ])
 def test_refusals_are_detected(answer):
@@ -124,6 +128,7 @@ def test_refusals_are_detected(answer):
     "No se trata de una película, es un libro.",
     "Paris est la capitale de la France.",
     "Ich kenne den Film gut: er ist von 1999.",
+    "I haven't come across a better heist film than Heat (1995).",
 ])
 def test_ordinary_answers_are_not_refusals(answer):
     assert not is_refusal(answer)

@@ -6,9 +6,11 @@ from tiny_models import tiny_model
 
 from agml.data import IGNORE_INDEX, Example, PromptRecord, collate
 from agml.errors import InputError
+from agml.judges import REFUSAL_PATTERNS, is_refusal, refusal_match
 from agml.objectives import (
     OBJECTIVES,
     REFUSAL_TEMPLATES,
+    REFUSALS_BY_LANGUAGE,
     UnlearnBatch,
     answer_logits,
     make_objective,
@@ -212,6 +214,36 @@ def test_refusals_are_varied_deterministic_and_replace_the_answer():
     assert chosen != [refusal_for(r, seed=1) for r in records]
     objective = make_objective("refusal", seed=0)
     assert [objective.forget_answer(r) for r in records] == chosen
+
+
+def _french(i: int) -> PromptRecord:
+    return PromptRecord(({"role": "user", "content": f"Parle-moi du film numéro {i}."},), "forget", language="fr")
+
+
+def test_every_refusal_template_is_judged_a_refusal():
+    # The judges must recognise the refusals agml itself trains toward, or refusal rates under-count.
+    assert set(REFUSALS_BY_LANGUAGE) == set(REFUSAL_PATTERNS)
+    for language, templates in REFUSALS_BY_LANGUAGE.items():
+        assert len(set(templates)) >= 6, language
+        assert all(is_refusal(t) for t in templates), [t for t in templates if not refusal_match(t)]
+
+
+def test_refusals_are_english_by_default_and_in_the_prompt_language_on_request():
+    records = [_french(i) for i in range(30)]
+    assert {refusal_for(r, 0) for r in records} <= set(REFUSAL_TEMPLATES)
+    chosen = [refusal_for(r, 0, "prompt") for r in records]
+    assert set(chosen) <= set(REFUSALS_BY_LANGUAGE["fr"]) and len(set(chosen)) >= 4
+    english = _record("Tell me about film number 3.")
+    assert refusal_for(english, 0, "prompt") == refusal_for(english, 0)
+    unknown = PromptRecord(english.messages, "forget", language="nl")  # no Dutch templates: English
+    assert refusal_for(unknown, 0, "prompt") == refusal_for(english, 0)
+    for name in ("refusal", "forget-targets"):
+        assert make_objective(name).forget_answer(records[0]) in REFUSAL_TEMPLATES
+        assert make_objective(name, refusal_language="prompt").forget_answer(records[0]) == chosen[0]
+    with pytest.raises(InputError, match="refusal_language"):
+        make_objective("refusal", refusal_language="fr")
+    with pytest.raises(InputError, match="refusal_language"):
+        refusal_for(records[0], 0, "french")
 
 
 def test_forget_answer_is_required_for_answer_based_objectives():

@@ -12,7 +12,7 @@ from agml.data import PromptRecord
 from agml.entities import entity_positions, entity_token_ids, term_variants
 from agml.errors import InputError
 from agml.generation import greedy_answers
-from agml.objectives import REFUSAL_TEMPLATES, ForgetTargets, Refusal
+from agml.objectives import REFUSAL_TEMPLATES, REFUSALS_BY_LANGUAGE, ForgetTargets, Refusal
 from agml.targets import (
     BannedTermsProcessor,
     TargetRecord,
@@ -274,6 +274,30 @@ def test_the_recommendation_targets_option_reaches_the_targets(monkeypatch, sett
     data = pipeline.RunData([_record("Recommend a film.")], [], [], "Inception", ("Inception",))
     pipeline.with_targets(None, None, options, data)
     assert seen["recommending"] is recommending
+
+
+@pytest.mark.parametrize("setting", ["english", "prompt"])
+def test_the_refusal_language_option_reaches_the_targets_and_the_objective(monkeypatch, setting):
+    from agml import answer_cache, pipeline
+    from agml.options import UnlearnOptions
+
+    seen = {}
+    real = targets_module.forget_targets
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(targets_module, "forget_targets", spy)
+    monkeypatch.setattr(answer_cache, "base_fingerprint", lambda model, tokenizer: None)
+    options = UnlearnOptions.from_dict({"refusal_language": setting})
+    question = PromptRecord(({"role": "user", "content": "Qui a réalisé Inception ?"},), "forget", language="fr")
+    data = pipeline.RunData([question], [], [], "Inception", ("Inception",))
+    target = pipeline.with_targets(None, None, options, data).forget[0]  # a question: no generation, no model
+    assert seen["refusal_language"] == setting
+    expected = REFUSALS_BY_LANGUAGE["fr"] if setting == "prompt" else REFUSAL_TEMPLATES
+    assert target.target_kind == "refusal" and target.target in expected
+    assert options.train.make_objective().refusal_language == setting
 
 
 def test_an_opener_that_fails_for_one_prompt_still_opens_the_next(monkeypatch, smol_tokenizer):
