@@ -189,7 +189,8 @@ class Objective(ABC):
 
 @dataclass
 class Refusal(Objective):
-    """Supervised NLL (mean per answer token) toward a natural refusal, chosen per prompt from REFUSAL_TEMPLATES.
+    """Supervised NLL (mean per answer token) toward a natural refusal, chosen per prompt from REFUSAL_TEMPLATES
+    (or, with refusal_language="prompt", from REFUSALS_BY_LANGUAGE in the record's language).
 
     The choice is a hash of (seed, conversation), so it is stable across runs and processes and varies across prompts.
     """
