@@ -197,7 +197,7 @@ class _Data:
     pad: int
     shared_token_ids: Sequence[Sequence[int]] = ()
     shared_fact_kl_weight: float = 1.0
-    retain_base_states: list[torch.Tensor] | None = None  # per step (`with_retain_base_states`)
+    retain_base_states: list[torch.Tensor] | None = None  # per step; set by train_unlearning
 
     def retain_batch(self, config: TrainOptions, step: int) -> dict[str, torch.Tensor]:
         # Every process draws the same global batch and trains on its shard of it (data parallelism).
