@@ -123,7 +123,7 @@ def greedy_continuations(model, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     """Greedy tokens after each row of a left-padded batch, up to (without) its first stop token.
 
     The same tokens as `model.generate(do_sample=False)`, but a row that has stopped leaves the batch and the KV
-    cache, so later steps cost only the rows still writing (in a batch of 64 answers, 15-20% of the row-steps are
+    cache, so later steps cost only the rows still writing (in a batch of 64 answers, 15-19% of the row-steps were
     padding after a stop: docs/results.md, session 19). Positions follow the left padding as in `generate`.
     """
     from transformers import DynamicCache
@@ -135,8 +135,8 @@ def greedy_continuations(model, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=ids.device)
     written: list[list[int]] = [[] for _ in range(ids.shape[0])]
     active = torch.arange(ids.shape[0], device=ids.device)  # original row of each row still in the batch
-    sequences, positions = ids, (mask.cumsum(-1) - 1).clamp(min=0)
-    cache, step_ids, step_positions = DynamicCache(), ids, positions
+    sequences, step_ids, step_positions = ids, ids, (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
     for _ in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
                        **{cache_name: cache}, **keep_last).logits[:, -1, :].float()

@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 from tiny_models import ARCHS, tiny_model
 from transformers import LogitsProcessorList, NoBadWordsLogitsProcessor
 
+from agml.data import IGNORE_INDEX, Example, collate
 from agml.generation import greedy_answers, greedy_continuations
 
 PROMPTS = [[5, 9, 17, 33, 8, 21, 40], [7, 3], [11, 60, 12, 9], [90, 4, 4, 4, 4, 70], [15]]
@@ -23,13 +24,8 @@ def sharp(model):
 
 
 def left_padded(prompts):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
+    batch = collate([Example(list(p), [IGNORE_INDEX] * len(p)) for p in prompts], PAD, padding_side="left")
+    return batch["input_ids"], batch["attention_mask"]
 
 
 def reference(model, ids, mask, max_new_tokens, stop_ids, logits_processor=None):
