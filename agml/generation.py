@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from agml import distributed
-from agml.data import pad_token_id, prompt_ids
+from agml.data import Example, collate, pad_token_id, prompt_ids
 from agml.errors import InputError
 
 
@@ -87,14 +87,9 @@ def _generate(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
-        written = _continuations(model, ids.to(device), mask.to(device), max_new_tokens, n, pad,
-                                 _stop_ids(tokenizer), sampling)
+        batch = collate([Example(encoded[i], encoded[i]) for i in rows], pad, padding_side="left")
+        written = _continuations(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                 max_new_tokens, n, pad, _stop_ids(tokenizer), sampling)
         for r, i in enumerate(rows):
             answers[i] = [tokenizer.decode(encoded[i][len(encoded[i]) - len(prefix):] + tokens,
                                            skip_special_tokens=True).strip() for tokens in written[r]]
@@ -152,10 +147,12 @@ def greedy_continuations(model, ids: torch.Tensor, mask: torch.Tensor, max_new_t
         if bool(stopped.any()):
             kept = (~stopped).nonzero().squeeze(-1)
             cache.batch_select_indices(kept)
-            active, tokens, mask, sequences = active[kept], tokens[kept], mask[kept], sequences[kept]
-            step_positions = step_positions[kept]
+            active, tokens, mask, step_positions = active[kept], tokens[kept], mask[kept], step_positions[kept]
+            if logits_processor is not None:
+                sequences = sequences[kept]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        if logits_processor is not None:  # only a processor reads the sequences so far
+            sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
         step_ids, step_positions = tokens[:, None], step_positions[:, -1:] + 1
     return written
 
