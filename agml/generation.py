@@ -87,6 +87,7 @@ def _generate(
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
         rows = order[start:start + batch_size]
+        # collate wants labels; generation reads only the ids and the mask
         batch = collate([Example(encoded[i], encoded[i]) for i in rows], pad, padding_side="left")
         written = _continuations(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                  max_new_tokens, n, pad, _stop_ids(tokenizer), sampling)
